@@ -1,0 +1,1 @@
+"""Example controllers bundled with ctlpool."""

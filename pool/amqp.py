@@ -1,0 +1,283 @@
+"""Awaitable wrappers over pika's asyncio adapter: connections, channels, confirmed publishing.
+
+Data flow: ``connect`` opens a pika ``AsyncioConnection`` on the running loop and
+resolves when it is open (or raises ``BrokerUnavailable`` / ``PluginMissing``).
+``Channel`` turns pika's callback RPCs into awaitables that fail with
+``ChannelGone`` when the channel or connection closes under them.
+``ConfirmChannel.publish`` puts a message on the wire at once and returns a future
+that resolves on the broker's ack, or fails with ``Unroutable`` (basic.return, then
+ack; DESIGN fact 5) or ``Nacked``; so callers pipeline many publishes and await all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from .codec import CONTENT_TYPE, H_SEQ
+from .errors import BrokerUnavailable, Nacked, PluginMissing, Unroutable
+from .settings import redact_url
+
+log = logging.getLogger("ctlpool.amqp")
+
+PERSISTENT = 2  # AMQP delivery_mode for messages that survive a broker restart
+
+
+class ChannelGone(Exception):
+    """The channel (or its connection) closed; ``reply_code`` is the AMQP code, 0 if unknown."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"{reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+def _gone(reason: BaseException) -> ChannelGone:
+    if isinstance(reason, (pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed)):
+        return ChannelGone(reason.reply_code, reason.reply_text)
+    return ChannelGone(0, str(reason) or type(reason).__name__)
+
+
+class Connection:
+    """An open pika connection; ``closed`` resolves (with the reason) when it closes."""
+
+    def __init__(self, raw: AsyncioConnection, closed: asyncio.Future[ChannelGone]) -> None:
+        self.raw = raw
+        self.closed = closed
+
+    async def channel(self) -> "Channel":
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        try:
+            self.raw.channel(on_open_callback=lambda ch: fut.done() or fut.set_result(ch))
+        except pika.exceptions.AMQPError as exc:
+            raise ChannelGone(0, f"connection not open: {exc!r}") from None
+        ch = Channel(fut, self)
+        await ch._ready()
+        return ch
+
+    async def confirm_channel(self) -> "ConfirmChannel":
+        ch = await self.channel()
+        conf = ConfirmChannel(ch)
+        await conf._enable()
+        return conf
+
+    def close(self) -> None:
+        if self.raw.is_open:
+            self.raw.close()
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.raw.is_open)
+
+
+async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
+    """Open a connection; ``BrokerUnavailable`` says where and why when it fails."""
+    loop = asyncio.get_running_loop()
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat_s
+    params.client_properties = {"connection_name": name}
+    params.connection_attempts = 1
+    params.blocked_connection_timeout = None
+    opened: asyncio.Future[None] = loop.create_future()
+    closed: asyncio.Future[ChannelGone] = loop.create_future()
+
+    def on_open(_c: Any) -> None:
+        if not opened.done():
+            opened.set_result(None)
+
+    def on_open_error(_c: Any, exc: BaseException) -> None:
+        if not opened.done():
+            opened.set_exception(BrokerUnavailable(f"cannot connect to RabbitMQ at {redact_url(url)}: {exc!r}"))
+
+    def on_close(_c: Any, reason: BaseException) -> None:
+        if not closed.done():
+            closed.set_result(_gone(reason))
+        if not opened.done():
+            opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))
+
+    raw = AsyncioConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
+    try:
+        await opened
+    except BaseException:
+        if raw.is_open or raw.is_opening:
+            try:
+                raw.close()
+            except pika.exceptions.AMQPError:
+                pass
+        raise
+    return Connection(raw, closed)
+
+
+class Channel:
+    """A pika channel whose RPCs are awaitable."""
+
+    def __init__(self, opening: asyncio.Future[Any], conn: Connection) -> None:
+        self._opening = opening
+        self.conn = conn
+        self.raw: Any = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self.closed: asyncio.Future[ChannelGone] = asyncio.get_running_loop().create_future()
+
+    async def _ready(self) -> None:
+        waiter = asyncio.ensure_future(self._opening)
+        done, _ = await asyncio.wait({waiter, self.conn.closed}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            raise self.conn.closed.result()
+        self.raw = waiter.result()
+        self.raw.add_on_close_callback(self._on_close)
+        self.conn.closed.add_done_callback(lambda f: self._fail_all(f.result()))
+
+    def _on_close(self, _ch: Any, reason: BaseException) -> None:
+        self._fail_all(_gone(reason))
+
+    def _fail_all(self, exc: ChannelGone) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+    @property
+    def is_open(self) -> bool:
+        return self.raw is not None and self.raw.is_open and not self.closed.done()
+
+    async def rpc(self, method: str, /, **kwargs: Any) -> Any:
+        """Call ``raw.<method>(..., callback=...)`` and await its ok frame."""
+        if self.closed.done():
+            raise self.closed.result()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.add(fut)
+        try:
+            getattr(self.raw, method)(callback=lambda frame: fut.done() or fut.set_result(frame), **kwargs)
+        except pika.exceptions.AMQPError as exc:
+            self._pending.discard(fut)
+            raise ChannelGone(0, repr(exc)) from None
+        try:
+            return await fut
+        finally:
+            self._pending.discard(fut)
+
+    async def consume(self, queue: str, on_message: Callable[..., None], *, exclusive: bool = False) -> str:
+        """Start consuming with manual acks; returns the consumer tag once the broker said ok."""
+        if self.closed.done():
+            raise self.closed.result()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.add(fut)
+        tag = self.raw.basic_consume(queue, on_message, auto_ack=False, exclusive=exclusive,
+                                     callback=lambda frame: fut.done() or fut.set_result(frame))
+        try:
+            await fut
+        finally:
+            self._pending.discard(fut)
+        return tag
+
+    async def close(self) -> None:
+        """Close the channel and wait until it is closed; unacked deliveries return to their queues."""
+        if self.is_open:
+            try:
+                self.raw.close()
+            except pika.exceptions.AMQPError:
+                return
+        if self.raw is not None and not self.conn.closed.done():
+            await asyncio.wait({self.closed, self.conn.closed}, return_when=asyncio.FIRST_COMPLETED)
+
+
+class ConfirmChannel:
+    """A channel in confirm mode; ``publish`` returns a future per message."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+        self._seq = 0
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._returned: set[int] = set()
+
+    async def _enable(self) -> None:
+        self.ch.raw.add_on_return_callback(self._on_return)
+        self.ch.closed.add_done_callback(self._on_closed)
+        await self.ch.rpc("confirm_delivery", ack_nack_callback=self._on_confirm)
+
+    @property
+    def is_open(self) -> bool:
+        return self.ch.is_open
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None,
+                properties: pika.BasicProperties | None = None) -> asyncio.Future[None]:
+        """Send a persistent, mandatory message; the future resolves on confirm."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.ch.closed.done():
+            fut.set_exception(self.ch.closed.result())
+            return fut
+        self._seq += 1
+        hdrs = dict(headers) if headers else {}
+        hdrs[H_SEQ] = self._seq
+        if properties is None:
+            properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, headers=hdrs)
+        else:
+            properties.headers = hdrs
+            properties.delivery_mode = PERSISTENT
+        self._waiting[self._seq] = fut
+        try:
+            self.ch.raw.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except pika.exceptions.AMQPError as exc:
+            del self._waiting[self._seq]
+            fut.set_exception(ChannelGone(0, repr(exc)))
+        return fut
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._waiting)
+
+    def _on_return(self, _ch: Any, method: Any, properties: Any, _body: bytes) -> None:
+        seq = (properties.headers or {}).get(H_SEQ)
+        if isinstance(seq, int):
+            self._returned.add(seq)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        nack = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            while self._waiting:
+                first = next(iter(self._waiting))
+                if first > tag:
+                    break
+                self._settle(first, nack)
+        elif tag in self._waiting:
+            self._settle(tag, nack)
+
+    def _settle(self, seq: int, nack: bool) -> None:
+        fut = self._waiting.pop(seq)
+        if fut.done():
+            return
+        if seq in self._returned:
+            self._returned.discard(seq)
+            fut.set_exception(Unroutable(f"broker returned message #{seq}: no queue bound for it (312 NO_ROUTE)"))
+        elif nack:
+            fut.set_exception(Nacked(f"broker nacked message #{seq}"))
+        else:
+            fut.set_result(None)
+
+    def _on_closed(self, f: asyncio.Future[ChannelGone]) -> None:
+        exc = f.result()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiting.clear()
+
+
+def is_plugin_missing(exc: BaseException) -> bool:
+    text = str(exc)
+    return "x-consistent-hash" in text and ("invalid exchange type" in text or "503" in text or "406" in text)
+
+
+def plugin_error_or(exc: ChannelGone) -> BaseException:
+    """``PluginMissing`` when a declare failed for lack of the plugin, else the error itself."""
+    return PluginMissing() if is_plugin_missing(exc) else exc

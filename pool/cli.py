@@ -1,0 +1,269 @@
+"""The ``ctlpool`` command: argument parsing only; the work lives in the modules it calls.
+
+    ctlpool run        supervisor + workers            (pool.supervisor)
+    ctlpool publish    send events, one or a batch     (pool.publisher)
+    ctlpool topology   declare and show a controller   (pool.topology)
+    ctlpool demo       the example controllers, live   (controllers.demo)
+
+Flags are generated from ``pool.settings.OPTIONS``; each also reads ``CTLPOOL_<NAME>``
+and a key in ``--config FILE.toml``. Any invalid input ends in one line on stderr and
+exit code 2; an unreachable broker or missing plugin in one line and exit code 69.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn, Sequence
+
+import orjson
+
+from .errors import BrokerUnavailable, ConfigError, CtlpoolError, PluginMissing, PublishError, TopologyMismatch
+from .settings import OPTIONS, PoolSettings, load_toml, resolve
+from .supervisor import EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_UNAVAILABLE
+
+log = logging.getLogger("ctlpool.cli")
+
+BROKER_OPTS = frozenset({"amqp-url", "amqp-url-file", "prefix", "heartbeat-s", "log-format", "log-level"})
+TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s"}
+RUN_OPTS = frozenset(o.name for o in OPTIONS)
+START_BROKER_HINT = "start it with: rabbitmq-server -detached  (or: systemctl start rabbitmq-server)"
+
+
+def _version() -> str:
+    try:
+        return version("ctlpool")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+
+
+def _add_options(p: argparse.ArgumentParser, names: frozenset[str]) -> None:
+    for opt in OPTIONS:
+        if opt.name in names:
+            p.add_argument(f"--{opt.name}", dest=opt.name, default=None, metavar=opt.metavar, help=opt.help)
+    if "pin" in names:
+        p.add_argument("--no-pin", dest="pin", action="store_const", const="false", help="do not pin workers to CPUs")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with settings (flags and CTLPOOL_* win over it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ctlpool", description="Kubernetes-style controllers on RabbitMQ, one key at a time.")
+    parser.add_argument("--version", action="version", version=f"ctlpool {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the supervisor and its workers")
+    _add_options(run, RUN_OPTS)
+
+    pub = sub.add_parser("publish", help="send an event (or --batch of them from stdin)")
+    pub.add_argument("controller")
+    pub.add_argument("key", nargs="?")
+    pub.add_argument("payload", nargs="?", metavar="JSON", help="event body (default {})")
+    pub.add_argument("--batch", action="store_true", help="read KEY<TAB>JSON lines from stdin, pipelined")
+    _add_options(pub, BROKER_OPTS)
+
+    topo = sub.add_parser("topology", help="declare (idempotently) and show a controller's queues")
+    topo.add_argument("controller", nargs="+")
+    topo.add_argument("--json", action="store_true", help="print JSON")
+    _add_options(topo, TOPOLOGY_OPTS)
+
+    demo = sub.add_parser("demo", help="run the example controllers and watch deployments converge")
+    demo.add_argument("--deployments", type=int, default=20, metavar="N", help="deployments to create (default 20)")
+    demo.add_argument("--replicas", type=int, default=3, metavar="N", help="replicas each (default 3)")
+    demo.add_argument("--fail-rate", type=float, default=0.2, metavar="F",
+                      help="fraction of provider calls that fail transiently (default 0.2)")
+    demo.add_argument("--store", default=None, metavar="URL", help="sqlite:///path (default: a temp file)")
+    demo.add_argument("--timeout-s", type=float, default=120.0, metavar="S", help="give up after this long")
+    _add_options(demo, RUN_OPTS - {"controllers"})
+    return parser
+
+
+def settings_from(args: argparse.Namespace, names: frozenset[str]) -> PoolSettings:
+    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    flags = {name: getattr(args, name, None) for name in names}
+    return resolve(flags, file_values=file_values, only=names)
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"ctlpool: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "publish":
+            return cmd_publish(args)
+        if args.command == "topology":
+            return cmd_topology(args)
+        if args.command == "demo":
+            from controllers.demo import run_demo
+
+            return run_demo(args, settings_from(args, RUN_OPTS - {"controllers"}))
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, f"error: {exc}")
+    except PluginMissing as exc:
+        return _fail(EXIT_UNAVAILABLE, str(exc))
+    except BrokerUnavailable as exc:
+        return _fail(EXIT_UNAVAILABLE, f"{exc}; is RabbitMQ running? {START_BROKER_HINT}")
+    except TopologyMismatch as exc:
+        return _fail(EXIT_TOPOLOGY, f"refusing to start: {exc}")
+    except PublishError as exc:
+        return _fail(1, f"publish failed: {exc}")
+    except CtlpoolError as exc:
+        return _fail(1, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .controller import load_controller
+    from .logs import configure
+    from .supervisor import Supervisor
+
+    settings = settings_from(args, RUN_OPTS)
+    if not settings.controllers:
+        raise ConfigError("--controllers: required (MODULE:CLASS[,MODULE:CLASS...]); or set CTLPOOL_CONTROLLERS")
+    configure(settings.log_format, settings.log_level)
+    names = [load_controller(ref).name for ref in settings.controllers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--controllers: two controllers share a name: {names}")
+    wait_for_topology(settings, names)
+    return Supervisor(settings).run()
+
+
+def wait_for_topology(settings: PoolSettings, names: list[str]) -> None:
+    """Declare topology, retrying while the broker is unreachable (a service may start before it)."""
+    from . import topology
+
+    delay = 1.0
+    while True:
+        try:
+            asyncio.run(topology.ensure(settings.broker, settings.topology, names))
+            return
+        except BrokerUnavailable as exc:
+            log.warning("%s; retrying in %.0fs (%s)", exc, delay, START_BROKER_HINT)
+            import time
+
+            time.sleep(delay)
+            delay = min(delay * 2, settings.broker.reconnect_max_s)
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publisher import Publisher
+
+    settings = settings_from(args, BROKER_OPTS)
+    b = settings.broker
+    if args.batch:
+        if args.key is not None:
+            raise ConfigError("--batch: reads KEY<TAB>JSON lines from stdin; give no KEY argument")
+
+        def lines() -> Any:
+            for n, line in enumerate(sys.stdin.buffer, 1):
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    continue
+                key, sep, body = line.partition(b"\t")
+                if not key:
+                    raise ConfigError(f"stdin line {n}: empty KEY")
+                body = body or b"{}"
+                try:
+                    orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise ConfigError(f"stdin line {n}: JSON after the tab is invalid ({exc})") from None
+                yield args.controller, key.decode(), body
+
+        async def batch() -> int:
+            async with Publisher(b.amqp_url, prefix=b.prefix) as pub:
+                await _check_controller(pub, args.controller)
+                return await pub.publish_many(lines(), raw=True)
+
+        n = asyncio.run(batch())
+        print(f"published {n} events to {b.prefix}.{args.controller}")
+        return 0
+    if args.key is None:
+        raise ConfigError("publish: KEY is required (or --batch)")
+    payload = _parse_json(args.payload, "JSON argument") if args.payload is not None else {}
+
+    async def one() -> None:
+        async with Publisher(b.amqp_url, prefix=b.prefix) as pub:
+            await _check_controller(pub, args.controller)
+            await pub.publish(args.controller, args.key, payload)
+
+    asyncio.run(one())
+    print(f"published {args.key} to {b.prefix}.{args.controller}")
+    return 0
+
+
+async def _check_controller(pub: Any, controller: str) -> None:
+    """A publish to a missing exchange closes the channel with 404; say it plainly instead."""
+    from .amqp import ChannelGone
+
+    ch = await pub._conn.channel()
+    try:
+        await ch.rpc("exchange_declare", exchange=f"{pub.prefix}.{controller}", passive=True)
+    except ChannelGone as exc:
+        if exc.reply_code == 404:
+            raise ConfigError(f"controller {controller!r}: exchange {pub.prefix}.{controller} does not exist; "
+                              f"start the pool or run 'ctlpool topology {controller}' first") from None
+        raise
+    finally:
+        await ch.close()
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from . import topology
+    from .amqp import connect
+
+    settings = settings_from(args, TOPOLOGY_OPTS)
+    b, t = settings.broker, settings.topology
+
+    async def show() -> list[dict[str, Any]]:
+        await topology.ensure(b, t, args.controller)
+        conn = await connect(b.amqp_url, name="ctlpool-topology")
+        try:
+            out = []
+            for c in args.controller:
+                names = topology.Names(b.prefix, c)
+                queues = [names.partition(i, t.partitions) for i in range(t.partitions)]
+                queues += [names.tier(s) for s in t.tiers_s] + [names.parked]
+                counts = await topology.counts(conn, queues)
+                out.append({"controller": c, "exchange": names.exchange, "queue_type": t.queue_type,
+                            "queues": [{"name": q.name, "ready": q.ready, "consumers": q.consumers}
+                                       for q in counts if q is not None]})
+            return out
+        finally:
+            conn.close()
+
+    result = asyncio.run(show())
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    for c in result:
+        print(f"{c['exchange']}  (x-consistent-hash, {len(c['queues'])} queues, {c['queue_type']})")
+        for q in c["queues"]:
+            print(f"  {q['name']:<40} ready={q['ready']:<8} consumers={q['consumers']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

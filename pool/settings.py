@@ -1,0 +1,294 @@
+"""Settings: grouped frozen dataclasses, filled from flags > ``CTLPOOL_*`` env > TOML > defaults.
+
+Data flow: ``OPTIONS`` lists every tunable once (flag name, parser, default, help). The CLI
+turns it into argparse flags that default to ``None``; ``resolve`` then takes, per option,
+the first value found among the flag, the environment variable ``CTLPOOL_<NAME>`` and the
+TOML file's key ``<name>`` (dashes or underscores), parses and validates it, and builds
+``PoolSettings``. Any bad value raises ``ConfigError`` naming the flag and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+from .retries import DEFAULT_TIERS_S
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where RabbitMQ is and how we name things on it."""
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    """AMQP URL, ``amqp://user:pass@host:port/vhost``; printed only redacted."""
+    prefix: str = "ctl"
+    """Prefix of every exchange and queue name (``ctl.deployments.p000``)."""
+    heartbeat_s: int = 20
+    """AMQP heartbeat; a dead broker or peer is noticed within ~2x this."""
+    reconnect_max_s: float = 30.0
+    """Cap on the reconnect backoff (starts at 0.5 s, doubles, ±20% jitter)."""
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """Queues per controller. Changing these for an existing controller is refused."""
+
+    partitions: int = 64
+    """Fixed partition queues per controller; the ceiling on workers sharing one controller."""
+    queue_type: str = "quorum"
+    """``quorum`` (replicated, single-active-consumer lock) or ``classic`` (exclusive consumer)."""
+    tiers_s: tuple[int, ...] = DEFAULT_TIERS_S
+    """TTLs of the delay-tier queues serving retries and ``requeue_after``."""
+    max_deliveries: int = 5
+    """A message delivered this many times without being acked (it kills its worker) is parked."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker process."""
+
+    prefetch: int = 50
+    """Unacked deliveries per partition consumer; 50 keeps a 2-core worker busy without hoarding."""
+    concurrency: int = 64
+    """Reconciles in flight per worker (async ones on the loop, sync ones in threads)."""
+    reconcile_timeout_s: float = 300.0
+    """A reconcile running longer fails (and retries); far under the broker's 30-min consumer timeout."""
+    drain_timeout_s: float = 60.0
+    """On SIGTERM, in-flight reconciles get this long to finish before the worker quits anyway."""
+    reroute_on_acquire: bool = True
+    """Re-route a partition's backlog on acquiring it (ring-drift guard); off only for RabbitMQ >= 4.3."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Everything ``ctlpool run`` needs."""
+
+    controllers: tuple[str, ...] = ()
+    """``module:Class`` references of the controllers to run."""
+    workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """Worker processes on this host; defaults to the usable CPUs."""
+    pin: bool = True
+    """Pin worker i to the i-th usable CPU (wrapping around)."""
+    node_id: str = field(default_factory=socket.gethostname)
+    """This host's name among the members; must be unique per host."""
+    weight: float = 1.0
+    """This host's relative share of partitions per worker."""
+    log_format: str = "json"
+    """``json`` (one object a line, for journald) or ``text``."""
+    log_level: str = "info"
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    topology: TopologySettings = field(default_factory=TopologySettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+# ---- parsers: str | TOML value -> value, raising ValueError with a short reason ----
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected a positive integer")
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a positive integer") from None
+    if n < 1 or (isinstance(v, float) and v != n):
+        raise ValueError("expected a positive integer")
+    return n
+
+
+def _positive_float(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a positive number") from None
+    if not x > 0 or x != x or x == float("inf"):
+        raise ValueError("expected a positive number")
+    return x
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = str(v).strip().lower()
+        if s not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return s
+    return parse
+
+
+def _url(v: Any) -> str:
+    s = str(v).strip()
+    parts = urlsplit(s)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("expected amqp://user:pass@host:port/vhost or amqps://…")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    return s
+
+
+def _name(v: Any) -> str:
+    s = str(v).strip()
+    if not s or any(c in s for c in " /\t\n"):
+        raise ValueError("expected a non-empty name without spaces or slashes")
+    return s
+
+
+def _controllers(v: Any) -> tuple[str, ...]:
+    items = v if isinstance(v, list) else str(v).split(",")
+    refs = tuple(str(i).strip() for i in items if str(i).strip())
+    if not refs:
+        raise ValueError("expected MODULE:CLASS[,MODULE:CLASS...]")
+    for ref in refs:
+        mod, _, cls = ref.partition(":")
+        if not mod or not cls:
+            raise ValueError(f"{ref!r} is not MODULE:CLASS")
+    return refs
+
+
+def _tiers(v: Any) -> tuple[int, ...]:
+    items = v if isinstance(v, list) else str(v).split(",")
+    try:
+        tiers = tuple(_positive_int(i) for i in items)
+    except ValueError:
+        raise ValueError("expected comma-separated positive whole seconds") from None
+    if not tiers or list(tiers) != sorted(set(tiers)):
+        raise ValueError("expected increasing positive whole seconds, e.g. 1,4,16,64")
+    return tiers
+
+
+def _read_url_file(v: Any) -> str:
+    path = str(v)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return _url(fh.read())
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    """Flag without dashes; env var is CTLPOOL_<NAME>; TOML key is the name."""
+    group: str | None
+    """Settings group attribute (``broker``...) or None for PoolSettings itself."""
+    attr: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("controllers", None, "controllers", _controllers, "controllers to run, MODULE:CLASS[,MODULE:CLASS...]", "REFS"),
+    Option("workers", None, "workers", _positive_int, "worker processes (default: usable CPUs)", "N"),
+    Option("pin", None, "pin", _bool, "pin workers to CPUs (true/false; --no-pin = false)", "BOOL"),
+    Option("node-id", None, "node_id", _name, "this host's member name (default: hostname)", "ID"),
+    Option("weight", None, "weight", _positive_float, "relative share of partitions per worker (default 1)", "W"),
+    Option("log-format", None, "log_format", _choice("json", "text"), "json (default) or text", "FMT"),
+    Option("log-level", None, "log_level", _choice("debug", "info", "warning", "error"), "debug|info|warning|error", "LEVEL"),
+    Option("amqp-url", "broker", "amqp_url", _url, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
+    Option("amqp-url-file", "broker", "amqp_url", _read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
+    Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
+    Option("heartbeat-s", "broker", "heartbeat_s", _positive_int, "AMQP heartbeat seconds (default 20)", "S"),
+    Option("partitions", "topology", "partitions", _positive_int, "partition queues per controller (default 64)", "P"),
+    Option("queue-type", "topology", "queue_type", _choice("quorum", "classic"), "quorum (default) or classic", "TYPE"),
+    Option("tiers-s", "topology", "tiers_s", _tiers, "delay tier TTLs in seconds (default 1,4,16,64,256,1024)", "LIST"),
+    Option("max-deliveries", "topology", "max_deliveries", _positive_int, "park a message after this many unacked deliveries (default 5)", "N"),
+    Option("prefetch", "worker", "prefetch", _positive_int, "unacked deliveries per partition consumer (default 50)", "N"),
+    Option("concurrency", "worker", "concurrency", _positive_int, "reconciles in flight per worker (default 64)", "N"),
+    Option("reconcile-timeout-s", "worker", "reconcile_timeout_s", _positive_float, "per-reconcile timeout (default 300)", "S"),
+    Option("drain-timeout-s", "worker", "drain_timeout_s", _positive_float, "time in-flight work gets on SIGTERM (default 60)", "S"),
+    Option("reroute-on-acquire", "worker", "reroute_on_acquire", _bool, "ring-drift guard (default true; false only on RabbitMQ >= 4.3)", "BOOL"),
+)
+
+ENV_PREFIX = "CTLPOOL_"
+
+
+def env_name(opt: Option) -> str:
+    return ENV_PREFIX + opt.name.upper().replace("-", "_")
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file; keys may use dashes or underscores. A ``[ctlpool]`` table is accepted too."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    if isinstance(data.get("ctlpool"), dict):
+        data = data["ctlpool"]
+    known = {o.name for o in OPTIONS} | {o.name.replace("-", "_") for o in OPTIONS}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"--config: unknown key {key!r} in {path}")
+    return {k.replace("_", "-"): v for k, v in data.items()}
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    file_values: Mapping[str, Any] | None = None,
+    only: frozenset[str] | None = None,
+) -> PoolSettings:
+    """Build settings: per option, flag (not None) > env > file > default.
+
+    ``flags`` maps option names (``node-id``) to raw values or None; ``only`` limits which
+    options are read (a subcommand that has no ``--workers`` ignores CTLPOOL_WORKERS).
+    """
+    env = os.environ if env is None else env
+    file_values = file_values or {}
+    groups: dict[str | None, dict[str, Any]] = {None: {}, "broker": {}, "topology": {}, "worker": {}}
+    for opt in OPTIONS:
+        if only is not None and opt.name not in only:
+            continue
+        for source, raw in (
+            (f"--{opt.name}", flags.get(opt.name)),
+            (env_name(opt), env.get(env_name(opt))),
+            (f"{opt.name} in the config file", file_values.get(opt.name)),
+        ):
+            if raw is None:
+                continue
+            try:
+                value = opt.parse(raw)
+            except ValueError as exc:
+                where = "" if source.startswith("--") else f" (from {source})"
+                raise ConfigError(f"--{opt.name}{where}: {exc}, got {str(raw)[:80]!r}") from None
+            if opt.attr in groups[opt.group] and opt.name.endswith("-file"):
+                break  # --amqp-url, from any source, wins over --amqp-url-file
+            groups[opt.group][opt.attr] = value
+            break
+    return PoolSettings(
+        broker=BrokerSettings(**groups["broker"]),
+        topology=TopologySettings(**groups["topology"]),
+        worker=WorkerSettings(**groups["worker"]),
+        **groups[None],
+    )

@@ -1,0 +1,315 @@
+"""The supervisor process: fork CPU-pinned workers, keep them alive, drain on signals.
+
+Data flow: ``Supervisor.run`` forks one process per worker slot (``worker_main``), each
+pinned to a usable CPU, and then waits on the workers' sentinels, their status pipes
+and a self-pipe woken by signals:
+
+- a worker that dies (any cause, SIGKILL included) is restarted after a backoff that
+  doubles with its recent deaths; ``CRASH_LOOP_DEATHS`` deaths of one slot within
+  ``CRASH_LOOP_WINDOW_S`` end the supervisor with ``EXIT_CRASH_LOOP``;
+- SIGTERM / SIGINT: drain — each worker gets SIGTERM, stops taking deliveries, finishes
+  and acks in-flight work and exits 0; workers still alive after the drain timeout are
+  killed. A second SIGTERM / SIGINT kills the workers at once (``EXIT_INTERRUPTED``);
+- SIGHUP: rolling restart, one slot at a time, each new worker ready before the next.
+
+Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
+supervisor decides), drain on SIGTERM however often it comes, and report states ("ready", "reconnecting", "draining") on a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .settings import PoolSettings
+
+log = logging.getLogger("ctlpool.supervisor")
+
+EXIT_OK = 0  # drained cleanly
+EXIT_CONFIG = 2  # bad flag, env var or config file (argparse's code)
+EXIT_CRASH_LOOP = 3  # a worker slot kept dying; systemd's Restart=on-failure takes over
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: broker unreachable or plugin missing
+EXIT_TOPOLOGY = 78  # sysexits EX_CONFIG: broker topology disagrees with the settings
+EXIT_INTERRUPTED = 130  # second SIGINT/SIGTERM: stopped without draining (128 + SIGINT)
+
+CRASH_LOOP_DEATHS = 5  # this many deaths of one slot...
+CRASH_LOOP_WINDOW_S = 60.0  # ...within this window mean it won't get better by restarting
+RESTART_FIRST_S = 0.5  # first restart delay; doubles per recent death
+RESTART_MAX_S = 30.0
+KILL_GRACE_S = 5.0  # after the drain timeout, how long we wait before SIGKILL
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any) -> None:
+    """Entry point of a worker process (after fork)."""
+    import uvloop
+
+    from .controller import load_controller
+    from .logs import configure
+    from .worker import Worker
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    configure(settings.log_format, settings.log_level)
+    if cpu is not None:
+        import psutil
+
+        psutil.Process().cpu_affinity([cpu])
+
+    def report(state: str) -> None:
+        try:
+            status.send_bytes(state.encode())
+        except OSError:
+            pass
+
+    worker = Worker(settings=settings, controllers=[load_controller(r) for r in settings.controllers],
+                    index=index, on_state=report)
+
+    async def main() -> None:
+        # SIGTERM always means "drain" here, however often it comes (a group-wide kill and
+        # the supervisor's forward may both arrive); the supervisor escalates with SIGKILL.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.request_stop)
+        await worker.run()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+@dataclass
+class _Slot:
+    index: int
+    cpu: int | None
+    proc: Any = None
+    status: Any = None
+    ready: bool = False
+    deaths: list[float] = field(default_factory=list)
+    restart_at: float | None = None
+    retiring: bool = False  # being replaced by a rolling restart: its exit is not a crash
+
+
+class Supervisor:
+    """See the module docstring; ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        *,
+        target: Callable[..., None] = worker_main,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, "Supervisor"], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.target = target
+        self.clock = clock
+        self.on_event = on_event or (lambda event, sup: None)
+        cpus = usable_cpus()
+        self.slots = [_Slot(i, cpus[i % len(cpus)] if settings.pin else None) for i in range(settings.workers)]
+        self.restarts = 0
+        self._ctx = multiprocessing.get_context("fork")
+        self._signals: list[int] = []
+        self._rolling: list[int] = []
+        self._stopping_since: float | None = None
+
+    # ------------------------------------------------------------------ processes
+
+    def _start(self, slot: _Slot) -> None:
+        recv, send = self._ctx.Pipe(duplex=False)
+        slot.proc = self._ctx.Process(target=self.target, args=(self.settings, slot.index, slot.cpu, send),
+                                      name=f"ctlpool-worker-{slot.index}", daemon=False)
+        slot.proc.start()
+        send.close()
+        slot.status = recv
+        slot.ready = False
+        slot.restart_at = None
+        log.info("started worker %d (pid %d%s)", slot.index, slot.proc.pid,
+                 f", cpu {slot.cpu}" if slot.cpu is not None else "", extra={"worker": slot.index})
+
+    def _signal_all(self, sig: int) -> None:
+        for s in self.slots:
+            if s.proc is not None and s.proc.is_alive():
+                try:
+                    os.kill(s.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.slots)
+
+    def summary(self) -> str:
+        alive = sum(1 for s in self.slots if s.proc is not None and s.proc.is_alive())
+        ready = sum(1 for s in self.slots if s.ready)
+        state = "draining" if self._stopping_since is not None else "running"
+        return f"{state}: {ready}/{len(self.slots)} workers ready, {alive} alive, {self.restarts} restarts"
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            return self._loop(wake_r)
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            signal.set_wakeup_fd(old_fd)
+            wake_r.close()
+            wake_w.close()
+            for s in self.slots:
+                if s.status is not None:
+                    s.status.close()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _loop(self, wake: socket.socket) -> int:
+        drain_s = self.settings.worker.drain_timeout_s
+        while True:
+            waitables: list[Any] = [wake]
+            for s in self.slots:
+                if s.proc is not None:
+                    waitables.append(s.proc.sentinel)
+                    if s.status is not None:
+                        waitables.append(s.status)
+            timeout = 1.0
+            multiprocessing.connection.wait(waitables, timeout)
+            try:
+                while wake.recv(64):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+            now = self.clock()
+
+            code = self._handle_signals(now)
+            if code is not None:
+                return code
+            self._read_status()
+            code = self._reap(now)
+            if code is not None:
+                return code
+            if self._stopping_since is not None:
+                if all(s.proc is None for s in self.slots):
+                    log.info("all workers drained; exiting")
+                    self.on_event("stopped", self)
+                    return EXIT_OK
+                if now - self._stopping_since > drain_s + KILL_GRACE_S:
+                    log.error("workers still alive %.0fs after SIGTERM; killing them", drain_s + KILL_GRACE_S)
+                    self._signal_all(signal.SIGKILL)
+                continue
+            for s in self.slots:
+                if s.proc is None and s.restart_at is not None and now >= s.restart_at:
+                    self._start(s)
+            self._advance_rolling()
+
+    def _handle_signals(self, now: float) -> int | None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                if self._stopping_since is None and not self._rolling:
+                    log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+                    self._rolling = [s.index for s in self.slots]
+                    self.on_event("reloading", self)
+                continue
+            if self._stopping_since is None:
+                log.info("%s: draining workers (again to stop at once)", signal.Signals(sig).name)
+                self._stopping_since = now
+                self._rolling = []
+                self.on_event("stopping", self)
+                self._signal_all(signal.SIGTERM)
+            else:
+                log.warning("%s again: killing workers without draining", signal.Signals(sig).name)
+                self._signal_all(signal.SIGKILL)
+                for s in self.slots:
+                    if s.proc is not None:
+                        s.proc.join(5)
+                return EXIT_INTERRUPTED
+        return None
+
+    def _read_status(self) -> None:
+        for s in self.slots:
+            if s.status is None:
+                continue
+            try:
+                while s.status.poll():
+                    state = s.status.recv_bytes().decode()
+                    was = self.ready
+                    s.ready = state == "ready"
+                    if self.ready and not was:
+                        log.info("all %d workers ready", len(self.slots))
+                        self.on_event("ready", self)
+                    elif was and not self.ready:
+                        self.on_event("degraded", self)
+            except (EOFError, OSError):
+                s.status.close()
+                s.status = None
+
+    def _reap(self, now: float) -> int | None:
+        for s in self.slots:
+            if s.proc is None or s.proc.is_alive():
+                continue
+            s.proc.join()
+            code = s.proc.exitcode
+            s.proc = None
+            s.ready = False
+            if s.status is not None:
+                s.status.close()
+                s.status = None
+            if self._stopping_since is not None:
+                log.info("worker %d exited (%s)", s.index, code, extra={"worker": s.index})
+                continue
+            if s.retiring:
+                s.retiring = False
+                self._start(s)
+                continue
+            self.restarts += 1
+            s.deaths = [t for t in s.deaths if now - t < CRASH_LOOP_WINDOW_S] + [now]
+            if len(s.deaths) >= CRASH_LOOP_DEATHS:
+                log.error("worker %d died %d times within %.0fs (last exit %s); giving up",
+                          s.index, len(s.deaths), CRASH_LOOP_WINDOW_S, code, extra={"worker": s.index})
+                self._stopping_since = now
+                self._signal_all(signal.SIGTERM)
+                for o in self.slots:
+                    if o.proc is not None:
+                        o.proc.join(self.settings.worker.drain_timeout_s + KILL_GRACE_S)
+                        if o.proc.is_alive():
+                            o.proc.kill()
+                self.on_event("crash-loop", self)
+                return EXIT_CRASH_LOOP
+            delay = min(RESTART_FIRST_S * 2 ** (len(s.deaths) - 1), RESTART_MAX_S)
+            s.restart_at = now + delay
+            log.warning("worker %d died (exit %s); restarting in %.1fs", s.index, code, delay,
+                        extra={"worker": s.index})
+            self.on_event("degraded", self)
+        return None
+
+    def _advance_rolling(self) -> None:
+        """Rolling restart: retire the first slot in line once every worker is ready."""
+        if not self._rolling or not self.ready:
+            return
+        idx = self._rolling.pop(0)
+        s = self.slots[idx]
+        if s.proc is not None:
+            s.retiring = True
+            s.ready = False
+            os.kill(s.proc.pid, signal.SIGTERM)
+        if not self._rolling:
+            log.info("rolling restart: last worker retiring")

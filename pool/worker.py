@@ -1,0 +1,638 @@
+"""One worker process: consume owned partitions, reconcile keys one at a time, ack after confirms.
+
+Data flow, per delivery (``_on_message``, on the loop thread):
+
+1. too many deliveries already (a message that kills workers) -> park;
+2. inside a partition's ring-drift guard window (the backlog present when the partition
+   was acquired) -> re-route through the exchange, ack on confirm, no reconcile;
+3. still owes a delay (``x-ctlpool-delay-ms``) -> ride the next delay tier, ack on confirm;
+4. decode once (undecodable / invalid -> park), then ``WorkQueue.add((controller, key))``.
+
+``_pump`` starts reconciles while fewer than ``concurrency`` run. A reconcile covers every
+delivery collected for its key; when it ends, whatever it published (``ctx.publish``,
+a retry, a requeue, a parked copy) is confirmed first, then all those deliveries are acked.
+
+Partitions are acquired by opening a channel and consuming (single-active-consumer on
+quorum queues, ``exclusive`` on classic ones: the broker is the lock). Release and drain
+never cancel a consumer with work in flight (DESIGN fact 2): stop dispatching, let in-flight
+reconciles finish and ack, re-route the prefetched rest, then close the channel.
+On connection loss, in-flight reconciles are cancelled at once; their deliveries go back
+to the broker with the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pika
+
+from . import codec
+from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
+from .assignment import Member, owned_by
+from .codec import DecodeFailed
+from .controller import Context, Controller, Result, is_async
+from .errors import BrokerError, Permanent
+from .retries import next_hop
+from .settings import PoolSettings, redact_url
+from .topology import NOT_FOUND, Names
+
+log = logging.getLogger("ctlpool.worker")
+_NO_HEADERS: dict[str, Any] = {}
+
+RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
+ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
+JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
+
+
+class _Ctl:
+    """A controller and what the worker derives from it once."""
+
+    __slots__ = ("index", "controller", "name", "names", "decode", "is_async", "exchange")
+
+    def __init__(self, index: int, controller: Controller, prefix: str) -> None:
+        self.index = index
+        self.controller = controller
+        self.name = controller.name
+        self.names = Names(prefix, controller.name)
+        self.exchange = self.names.exchange
+        self.decode = codec.make_decoder(controller.event_type)
+        self.is_async = is_async(controller)
+
+
+class Partition:
+    """One partition queue this worker consumes (or is acquiring / releasing)."""
+
+    __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
+                 "releasing", "acquired_at", "rerouted")
+
+    def __init__(self, ctl: _Ctl, index: int, queue: str) -> None:
+        self.ctl = ctl
+        self.index = index
+        self.queue = queue
+        self.ch: Channel | None = None
+        self.guard_left: int | None = None  # None: guard not measured yet (no delivery seen)
+        self.held: list[tuple[Any, Any, bytes]] | None = None  # deliveries parked while measuring/releasing
+        self.dispatched = 0  # deliveries of this partition inside running reconciles
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.releasing = False
+        self.acquired_at = 0.0
+        self.rerouted = 0
+
+
+class Delivery:
+    """A decoded delivery waiting in, or covered by, a reconcile."""
+
+    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "content_type", "redeliveries")
+
+    def __init__(self, part: Partition, ch: Channel, tag: int, key: str, event: Any, headers: dict[str, Any] | None,
+                 attempt: int, body: bytes, content_type: str | None, redeliveries: int) -> None:
+        self.part = part
+        self.ch = ch
+        self.tag = tag
+        self.key = key
+        self.event = event
+        self.headers = headers
+        self.attempt = attempt
+        self.body = body
+        self.content_type = content_type
+        self.redeliveries = redeliveries
+
+
+@dataclass
+class WorkerStats:
+    """Counters since the worker started (read by metrics and tests)."""
+
+    deliveries: int = 0
+    reconciles: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    parked: dict[str, int] = field(default_factory=dict)
+    rerouted: int = 0
+    hops: int = 0
+    acquisitions: int = 0
+    releases: int = 0
+
+
+class Worker:
+    """See the module docstring. ``run()`` returns when drained (or on ``request_exit``)."""
+
+    def __init__(
+        self,
+        *,
+        settings: PoolSettings,
+        controllers: list[Controller],
+        index: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        from .workqueue import WorkQueue
+
+        self.settings = settings
+        self.index = index
+        self.member_id = f"{settings.node_id}/{index}"
+        self.clock = clock
+        self.wall = wall
+        self.rand = rand
+        self.on_state = on_state or (lambda state: None)
+        self.ctls = [_Ctl(i, c, settings.broker.prefix) for i, c in enumerate(controllers)]
+        self.stats = WorkerStats()
+        self._wq: WorkQueue[tuple[int, str], Delivery] = WorkQueue()
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._parts: dict[tuple[int, int], Partition] = {}
+        self._pub: ConfirmChannel | None = None
+        self._consume_conn: Connection | None = None
+        self._connected = False
+        self._conns: list[Connection] = []
+        self._known_exchanges = {c.exchange for c in self.ctls}
+        self._stop = asyncio.Event()
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.worker.concurrency, thread_name_prefix="reconcile")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        wk = settings.worker
+        self._concurrency = wk.concurrency
+        self._timeout_s = wk.reconcile_timeout_s
+        self._guard = wk.reroute_on_acquire
+        self._max_deliveries = settings.topology.max_deliveries
+        self._quorum = settings.topology.queue_type == "quorum"
+        self._tiers = settings.topology.tiers_s
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def request_stop(self) -> None:
+        """Drain: stop dispatching, finish in-flight reconciles, release, exit ``run``."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        for c in self.ctls:
+            c.controller.setup()
+        backoff = RECONNECT_FIRST_S
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                backoff = RECONNECT_FIRST_S
+            except (BrokerError, ChannelGone, OSError) as exc:
+                log.warning("broker session failed: %s", exc, extra={"worker": self.index})
+            finally:
+                await self._teardown()
+            if self._stop.is_set():
+                break
+            delay = backoff * (1 + JITTER * (2 * self.rand() - 1))
+            log.info("reconnecting in %.1fs to %s", delay, redact_url(self.settings.broker.amqp_url),
+                     extra={"worker": self.index})
+            self.on_state("reconnecting")
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, self.settings.broker.reconnect_max_s)
+        self._threads.shutdown(wait=True)
+        self.on_state("stopped")
+
+    async def _session(self) -> None:
+        """One connected period: connect, acquire, serve until stop (drain) or connection loss."""
+        b = self.settings.broker
+        consume = await connect(b.amqp_url, name=f"ctlpool {self.member_id} consume", heartbeat_s=b.heartbeat_s)
+        self._conns.append(consume)
+        publish = await connect(b.amqp_url, name=f"ctlpool {self.member_id} publish", heartbeat_s=b.heartbeat_s)
+        self._conns.append(publish)
+        self._pub = await publish.confirm_channel()
+        self._consume_conn = consume
+        self._connected = True
+        await self._apply_ownership(self._static_ownership())
+        log.info("consuming %d partitions", len(self._parts), extra={"worker": self.index})
+        self.on_state("ready")
+        stop = asyncio.ensure_future(self._stop.wait())
+        lost = [consume.closed, publish.closed, self._pub.ch.closed]
+        done, _ = await asyncio.wait([stop, *lost], return_when=asyncio.FIRST_COMPLETED)
+        if stop in done:
+            await self._drain()
+            return
+        stop.cancel()
+        reason = next(f.result() for f in lost if f.done())
+        raise ChannelGone(reason.reply_code, f"connection lost: {reason.reply_text}")
+
+    def _static_ownership(self) -> dict[int, set[int]]:
+        """Partitions per controller for this worker: a rendezvous split among this host's workers."""
+        members = [Member(f"{self.settings.node_id}/{i}", self.settings.weight) for i in range(self.settings.workers)]
+        return {c.index: owned_by(self.member_id, members, c.name, self.settings.topology.partitions) for c in self.ctls}
+
+    async def _drain(self) -> None:
+        self.on_state("draining")
+        parts = list(self._parts.values())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._release(p) for p in parts)),
+                                   self.settings.worker.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out after %.0fs; in-flight deliveries go back to the broker",
+                        self.settings.worker.drain_timeout_s, extra={"worker": self.index})
+
+    async def _teardown(self) -> None:
+        """Cancel in-flight reconciles (their deliveries return with the connection), close everything."""
+        self._connected = False
+        self._wq.remove_where(lambda d: True)
+        for t in list(self._tasks):
+            t.cancel()
+        for conn in self._conns:
+            conn.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._parts.clear()
+        self._conns.clear()
+        self._pub = None
+        await asyncio.sleep(0)
+
+    # ---------------------------------------------------------------- partitions
+
+    async def _apply_ownership(self, owned: dict[int, set[int]]) -> None:
+        """Acquire partitions newly owned, release ones no longer owned."""
+        release = [p for k, p in self._parts.items() if k[1] not in owned.get(k[0], set())]
+        acquire = [(ci, i) for ci, idxs in owned.items() for i in sorted(idxs) if (ci, i) not in self._parts]
+        await asyncio.gather(*(self._release(p) for p in release), *(self._acquire(ci, i) for ci, i in acquire))
+
+    async def _acquire(self, ci: int, index: int) -> None:
+        ctl = self.ctls[ci]
+        p = self.settings.topology.partitions
+        part = Partition(ctl, index, ctl.names.partition(index, p))
+        self._parts[(ci, index)] = part
+        while not part.releasing:
+            ch = await self._consume_conn.channel()
+            await ch.rpc("basic_qos", prefetch_count=self.settings.worker.prefetch)
+            part.ch = ch
+            part.guard_left = None if self._guard else 0
+            part.acquired_at = self.clock()
+            try:
+                await ch.consume(part.queue, lambda c, m, pr, b, part=part, ch=ch: self._on_message(part, ch, m, pr, b),
+                                 exclusive=not self._quorum)
+                self.stats.acquisitions += 1
+                return
+            except ChannelGone as exc:
+                if exc.reply_code == NOT_FOUND:
+                    raise BrokerError(f"partition queue {part.queue} does not exist; run 'ctlpool topology {ctl.name}'") from None
+                # 403: another exclusive consumer (classic) still holds it; try again shortly
+                log.info("partition %s busy (%s); retrying", part.queue, exc, extra={"worker": self.index})
+                await asyncio.sleep(ACQUIRE_RETRY_S)
+
+    async def _release(self, part: Partition) -> None:
+        """Stop dispatching, wait for in-flight reconciles, re-route the prefetched rest, close the channel."""
+        part.releasing = True
+        if part.held is None:
+            part.held = []
+        queued = self._wq.remove_where(lambda d: d.part is part)
+        await part.idle.wait()
+        ch = part.ch
+        if ch is not None and ch.is_open:
+            confirms = [self._reroute_delivery(d) for d in queued if d.ch is ch]
+            for method, props, body in part.held:
+                confirms.append(self._forward(ch, method, props, body, part.ctl.exchange,
+                                              self._carried_headers(props, method)))
+            part.held = []
+            if confirms:
+                await asyncio.gather(*confirms, return_exceptions=True)
+            await ch.close()
+        self._parts.pop((part.ctl.index, part.index), None)
+        self.stats.releases += 1
+
+    # ---------------------------------------------------------------- deliveries (hot path)
+
+    def _on_message(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes) -> None:
+        self.stats.deliveries += 1
+        if part.held is not None:  # measuring the guard window, or releasing
+            part.held.append((method, props, body))
+            return
+        headers = props.headers
+        redeliveries = 0
+        if headers is not None or method.redelivered:
+            redeliveries = self._redeliveries(headers or _NO_HEADERS, method)
+            if redeliveries >= self._max_deliveries:
+                self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
+                               f"delivered {redeliveries} times without an ack (it kills its worker?)")
+                return
+        if part.guard_left:
+            part.guard_left -= 1
+            self._count_reroute(part)
+            self._forward(ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
+            return
+        if part.guard_left is None:
+            part.acquired_at = self.clock()
+            part.held = [(method, props, body)]
+            asyncio.ensure_future(self._measure_guard(part, ch))
+            return
+        if headers is not None:
+            delay_ms = headers.get(codec.H_DELAY_MS)
+            if delay_ms:
+                self._hop(ch, part, method, props, body, delay_ms / 1000.0)
+                return
+            attempt = headers.get(codec.H_ATTEMPT, 0)
+        else:
+            attempt = 0
+        ctl = part.ctl
+        try:
+            event = ctl.decode(body)
+        except DecodeFailed as exc:
+            self._park_raw(ch, part, method, props, body, exc.reason, str(exc))
+            return
+        key = method.routing_key
+        d = Delivery(part, ch, method.delivery_tag, key, event, headers, attempt, body, props.content_type,
+                     redeliveries)
+        self._wq.add((ctl.index, key), d)
+        if self._inflight < self._concurrency:
+            self._pump()
+
+    def _redeliveries(self, headers: dict[str, Any], method: Any) -> int:
+        """Deliveries of this message that ended without an ack, carried across re-routes."""
+        carried = headers.get(codec.H_REDELIVERIES, 0)
+        if self._quorum:
+            return carried + headers.get("x-delivery-count", 0)
+        return carried + (1 if method.redelivered else 0)
+
+    def _carried_headers(self, props: Any, method: Any) -> dict[str, Any]:
+        headers = codec.clean_headers(props.headers)
+        n = self._redeliveries(props.headers or _NO_HEADERS, method)
+        if n:
+            headers[codec.H_REDELIVERIES] = n
+        return headers
+
+    async def _measure_guard(self, part: Partition, ch: Channel) -> None:
+        """First delivery after acquiring: the backlog to re-route is what we hold plus what is still ready."""
+        try:
+            ok = await ch.rpc("queue_declare", queue=part.queue, passive=True)
+        except ChannelGone:
+            return
+        if part.releasing:
+            return  # _release re-routes what is held
+        held = part.held or []
+        part.guard_left = window = len(held) + ok.method.message_count
+        log.info("acquired %s: re-routing %d backlog events", part.queue, window,
+                 extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
+        part.held = None
+        self.stats.deliveries -= len(held)  # counted once already, when held
+        for method, props, body in held:
+            self._on_message(part, ch, method, props, body)
+
+    def _count_reroute(self, part: Partition) -> None:
+        part.rerouted += 1
+        self.stats.rerouted += 1
+        if part.guard_left == 0:
+            log.info("%s: ring-drift guard re-routed %d events in %.0f ms", part.queue, part.rerouted,
+                     (self.clock() - part.acquired_at) * 1000,
+                     extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
+
+    def _hop(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes, delay_s: float) -> None:
+        """The message still owes ``delay_s``: ride the next tier (or come back now if it's tiny)."""
+        headers = self._carried_headers(props, method)
+        tier, left = next_hop(delay_s, self._tiers)
+        self.stats.hops += 1
+        if tier is None:
+            headers.pop(codec.H_DELAY_MS, None)
+            self._forward(ch, method, props, body, part.ctl.exchange, headers)
+        else:
+            headers[codec.H_DELAY_MS] = int(left * 1000)
+            self._forward(ch, method, props, body, part.ctl.names.tier(tier), headers)
+
+    def _forward(self, ch: Channel, method: Any, props: Any, body: bytes, exchange: str,
+                 headers: dict[str, Any], routing_key: str | None = None) -> asyncio.Future[None]:
+        """Republish a delivery fresh to ``exchange``; ack it once confirmed (left unacked on failure)."""
+        assert self._pub is not None
+        fut = self._pub.publish(exchange, routing_key if routing_key is not None else method.routing_key, body,
+                                headers, pika.BasicProperties(content_type=props.content_type))
+        tag = method.delivery_tag
+        fut.add_done_callback(lambda f: self._ack_if_confirmed(f, ch, tag))
+        return fut
+
+    def _ack_if_confirmed(self, fut: asyncio.Future[None], ch: Channel, tag: int) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            if ch.is_open:
+                ch.raw.basic_ack(tag)
+        elif not isinstance(exc, ChannelGone):
+            log.error("republish failed, delivery left unacked: %s", exc, extra={"worker": self.index})
+
+    def _park_raw(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes,
+                  reason: str, error: str) -> asyncio.Future[None]:
+        headers = codec.clean_headers(props.headers)
+        headers.update(self._park_headers(part, reason, error))
+        self._count_park(reason)
+        log.warning("parking event: %s: %s", reason, error[:200],
+                    extra={"worker": self.index, "controller": part.ctl.name, "key": method.routing_key})
+        return self._forward(ch, method, props, body, "", headers, routing_key=part.ctl.names.parked)
+
+    def _park_headers(self, part: Partition, reason: str, error: str) -> dict[str, Any]:
+        return {codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
+                codec.H_PARKED_FROM: part.queue, codec.H_PARKED_MS: int(self.wall() * 1000)}
+
+    def _count_park(self, reason: str) -> None:
+        self.stats.parked[reason] = self.stats.parked.get(reason, 0) + 1
+
+    def _reroute_delivery(self, d: Delivery) -> asyncio.Future[None]:
+        headers = codec.clean_headers(d.headers)
+        if d.redeliveries:
+            headers[codec.H_REDELIVERIES] = d.redeliveries
+        return self._publish_then_ack([d], d.part.ctl.exchange, d.key, d.body, headers, d.content_type)
+
+    # ---------------------------------------------------------------- reconciles
+
+    def _pump(self) -> None:
+        if not self._connected:
+            return
+        wq = self._wq
+        while self._inflight < self._concurrency:
+            got = wq.get()
+            if got is None:
+                return
+            (ci, key), items = got
+            self._inflight += 1
+            for d in items:
+                part = d.part
+                part.dispatched += 1
+                part.idle.clear()
+            task = asyncio.ensure_future(self._reconcile(self.ctls[ci], key, items))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
+        last = items[-1]
+        attempt = max(d.attempt for d in items) if len(items) > 1 else last.attempt
+        ctx = Context(self, ctl.name, key, attempt, len(items) - 1, last.part.index)
+        self.stats.reconciles += 1
+        thread_fut: asyncio.Future[Any] | None = None
+        try:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    if ctl.is_async:
+                        result = await ctl.controller.reconcile(key, last.event, ctx)
+                    else:
+                        thread_fut = self._loop.run_in_executor(  # type: ignore[union-attr]
+                            self._threads, ctl.controller.reconcile, key, last.event, ctx)
+                        result = await asyncio.shield(thread_fut)
+                    if ctx._confirms:
+                        await self._wait_confirms(ctx)
+            except Permanent as exc:
+                await self._settle_park(ctl, items, codec.PARK_PERMANENT, str(exc) or "Permanent")
+            except (asyncio.CancelledError, ChannelGone):
+                raise
+            except Exception as exc:  # any other error: retry with backoff (or park when exhausted)
+                await self._settle_failure(ctl, key, items, attempt, exc)
+            else:
+                if isinstance(result, Result) and result.requeue_after is not None:
+                    self.stats.requeued += 1
+                    await self._settle_delay(ctl, key, items, result.requeue_after, 0)
+                else:
+                    self.stats.succeeded += 1
+                    self._ack_all(items)
+        except (asyncio.CancelledError, ChannelGone):
+            pass  # connection lost or shutting down: deliveries go back to the broker unacked
+        except Exception:  # a park/retry publish was refused: leave unacked, the broker keeps the event
+            log.exception("could not settle reconcile", extra={"worker": self.index, "controller": ctl.name, "key": key})
+        finally:
+            if thread_fut is not None and not thread_fut.done():
+                # a plain-def reconcile cannot be interrupted: keep its key busy until it returns
+                await asyncio.wait({thread_fut})
+            self._finish(ctl, key, items)
+
+    def _finish(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
+        self._wq.done((ctl.index, key), len(items))
+        self._inflight -= 1
+        for d in items:
+            part = d.part
+            part.dispatched -= 1
+            if part.dispatched == 0:
+                part.idle.set()
+        self._pump()
+
+    async def _wait_confirms(self, ctx: Context) -> None:
+        futs = [f if isinstance(f, asyncio.Future) else asyncio.wrap_future(f) for f in ctx._confirms]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    def _ack_all(self, items: list[Delivery]) -> None:
+        for d in items:
+            if d.ch.is_open:
+                d.ch.raw.basic_ack(d.tag)
+
+    def _publish_then_ack(self, items: list[Delivery], exchange: str, key: str, body: bytes,
+                          headers: dict[str, Any], content_type: str | None) -> asyncio.Future[None]:
+        assert self._pub is not None
+        fut = self._pub.publish(exchange, key, body, headers, pika.BasicProperties(content_type=content_type))
+
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._ack_all(items)
+            elif not f.cancelled() and not isinstance(f.exception(), ChannelGone):
+                log.error("publish before ack failed, deliveries left unacked: %s", f.exception(),
+                          extra={"worker": self.index, "key": key})
+        fut.add_done_callback(done)
+        return fut
+
+    async def _settle_delay(self, ctl: _Ctl, key: str, items: list[Delivery], delay_s: float, attempt: int) -> None:
+        """Send the latest event through the delay tiers, then ack every covered delivery."""
+        last = items[-1]
+        headers = codec.clean_headers(last.headers)
+        headers.pop(codec.H_REDELIVERIES, None)
+        headers[codec.H_ATTEMPT] = attempt
+        tier, left = next_hop(delay_s, self._tiers)
+        if tier is None:
+            headers.pop(codec.H_DELAY_MS, None)
+            exchange = ctl.exchange
+        else:
+            headers[codec.H_DELAY_MS] = int(left * 1000)
+            exchange = ctl.names.tier(tier)
+        await self._publish_then_ack(items, exchange, key, last.body, headers, last.content_type)
+
+    async def _settle_failure(self, ctl: _Ctl, key: str, items: list[Delivery], attempt: int, exc: Exception) -> None:
+        failures = attempt + 1
+        policy = ctl.controller.retry
+        err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TimeoutError) else \
+            f"TimeoutError: reconcile exceeded {self._timeout_s:g}s"
+        self.stats.failed += 1
+        if policy.exhausted(failures):
+            await self._settle_park(ctl, items, codec.PARK_MAX_ATTEMPTS, f"after {failures} attempts: {err}")
+            return
+        delay = policy.delay_s(failures, self.rand)
+        log.warning("reconcile failed (attempt %d), retrying in %.1fs: %s", failures, delay, err[:300],
+                    extra={"worker": self.index, "controller": ctl.name, "key": key, "attempt": failures})
+        await self._settle_delay(ctl, key, items, delay, failures)
+
+    async def _settle_park(self, ctl: _Ctl, items: list[Delivery], reason: str, error: str) -> None:
+        last = items[-1]
+        headers = codec.clean_headers(last.headers)
+        headers.update(self._park_headers(last.part, reason, error))
+        self._count_park(reason)
+        log.warning("parking event: %s: %s", reason, error[:300],
+                    extra={"worker": self.index, "controller": ctl.name, "key": last.key})
+        await self._publish_then_ack(items, "", ctl.names.parked, last.body, headers, last.content_type)
+        # the park copy is keyed by queue name; the item key stays readable in the headers
+        # (routing key of a parked message is the parking queue's name)
+
+    # ---------------------------------------------------------------- ctx.publish
+
+    def emit(self, ctx: Context, controller: str, key: str, payload: Any) -> Any:
+        """``Context.publish``: from the loop (async reconcile) or from a reconcile thread."""
+        body = codec.encode(payload)
+        exchange = f"{self.settings.broker.prefix}.{controller}"
+        if threading.get_ident() == self._loop_thread:
+            fut = self._emit_on_loop(exchange, key, body)
+            ctx._confirms.append(fut)
+            return fut
+        cf: concurrent.futures.Future[None] = concurrent.futures.Future()
+        ctx._confirms.append(cf)
+
+        def copy(f: asyncio.Future[None]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled():
+                cf.cancel()
+            elif exc is not None:
+                cf.set_exception(exc)
+            else:
+                cf.set_result(None)
+
+        def start() -> None:
+            self._emit_on_loop(exchange, key, body).add_done_callback(copy)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(start)
+        return cf
+
+    def _emit_on_loop(self, exchange: str, key: str, body: bytes) -> asyncio.Future[None]:
+        headers = {codec.H_FIRST_MS: int(self.wall() * 1000)}
+        if exchange in self._known_exchanges:
+            if self._pub is None:
+                f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                f.set_exception(ChannelGone(0, "not connected"))
+                return f
+            return self._pub.publish(exchange, key, body, headers)
+        return asyncio.ensure_future(self._emit_checked(exchange, key, body, headers))
+
+    async def _emit_checked(self, exchange: str, key: str, body: bytes, headers: dict[str, Any]) -> None:
+        """Publishing to a missing exchange would close our publish channel (404): check it once first."""
+        ch = await self._consume_conn.channel()
+        try:
+            await ch.rpc("exchange_declare", exchange=exchange, passive=True)
+        except ChannelGone as exc:
+            if exc.reply_code == NOT_FOUND:
+                raise BrokerError(f"ctx.publish: exchange {exchange} does not exist (unknown controller?)") from None
+            raise
+        finally:
+            await ch.close()
+        self._known_exchanges.add(exchange)
+        assert self._pub is not None
+        await self._pub.publish(exchange, key, body, headers)
+
+
