@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, Callable
 
 import pika
@@ -41,6 +42,13 @@ def _gone(reason: BaseException) -> ChannelGone:
     if isinstance(reason, (pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed)):
         return ChannelGone(reason.reply_code, reason.reply_text)
     return ChannelGone(0, str(reason) or type(reason).__name__)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """pika wraps a refused socket in three layers of workflow errors; keep the innermost."""
+    text = repr(exc)
+    m = re.search(r"last exception - \w+: (.*?); first exception", text)
+    return m.group(1) if m else text
 
 
 class Connection:
@@ -93,7 +101,7 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
 
     def on_open_error(_c: Any, exc: BaseException) -> None:
         if not opened.done():
-            opened.set_exception(BrokerUnavailable(f"cannot connect to RabbitMQ at {redact_url(url)}: {exc!r}"))
+            opened.set_exception(BrokerUnavailable(f"cannot connect to RabbitMQ at {redact_url(url)}: {_root_cause(exc)}"))
 
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
@@ -105,7 +113,7 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
     try:
         await opened
     except BaseException:
-        if raw.is_open or raw.is_opening:
+        if not raw.is_closed and not raw.is_closing:
             try:
                 raw.close()
             except pika.exceptions.AMQPError:

@@ -3,6 +3,7 @@
     ctlpool run        supervisor + workers            (pool.supervisor)
     ctlpool publish    send events, one or a batch     (pool.publisher)
     ctlpool topology   declare and show a controller   (pool.topology)
+    ctlpool doctor     broker and plugin there?        (pool.doctor)
     ctlpool demo       the example controllers, live   (controllers.demo)
 
 Flags are generated from ``pool.settings.OPTIONS``; each also reads ``CTLPOOL_<NAME>``
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--json", action="store_true", help="print JSON")
     _add_options(topo, TOPOLOGY_OPTS)
 
+    doc = sub.add_parser("doctor", help="check the broker and the consistent-hash plugin (--fix: start/enable locally)")
+    doc.add_argument("--fix", action="store_true", help="start a local broker that is installed but stopped; enable the plugin")
+    _add_options(doc, BROKER_OPTS)
+
     demo = sub.add_parser("demo", help="run the example controllers and watch deployments converge")
     demo.add_argument("--deployments", type=int, default=20, metavar="N", help="deployments to create (default 20)")
     demo.add_argument("--replicas", type=int, default=3, metavar="N", help="replicas each (default 3)")
@@ -107,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_publish(args)
         if args.command == "topology":
             return cmd_topology(args)
+        if args.command == "doctor":
+            from .doctor import doctor
+
+            return doctor(settings_from(args, BROKER_OPTS).broker.amqp_url, args.fix)
         if args.command == "demo":
             from controllers.demo import run_demo
 

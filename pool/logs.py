@@ -53,7 +53,8 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pika logs expected channel closes (a passive declare's 404) as warnings; we log what matters
-    logging.getLogger("pika").setLevel(logging.ERROR if level != "debug" else logging.INFO)
+    # pika logs expected events (a passive declare's 404, a refused connect we retry) as
+    # warnings and errors, several lines each; ctlpool logs what matters in one line
+    logging.getLogger("pika").setLevel(logging.CRITICAL if level != "debug" else logging.INFO)
     if os.environ.get("CTLPOOL_PIKA_DEBUG"):
         logging.getLogger("pika").setLevel(logging.DEBUG)

@@ -77,7 +77,7 @@ class Partition:
         self.index = index
         self.queue = queue
         self.ch: Channel | None = None
-        self.guard_left: int | None = None  # None: guard not measured yet (no delivery seen)
+        self.guard_left = 0  # deliveries still to re-route (ring-drift guard window)
         self.held: list[tuple[Any, Any, bytes]] | None = None  # deliveries parked while measuring/releasing
         self.dispatched = 0  # deliveries of this partition inside running reconciles
         self.idle = asyncio.Event()
@@ -273,12 +273,15 @@ class Worker:
             ch = await self._consume_conn.channel()
             await ch.rpc("basic_qos", prefetch_count=self.settings.worker.prefetch)
             part.ch = ch
-            part.guard_left = None if self._guard else 0
+            part.guard_left = 0
+            part.held = [] if self._guard else None  # hold deliveries until the guard window is known
             part.acquired_at = self.clock()
             try:
                 await ch.consume(part.queue, lambda c, m, pr, b, part=part, ch=ch: self._on_message(part, ch, m, pr, b),
                                  exclusive=not self._quorum)
                 self.stats.acquisitions += 1
+                if self._guard:
+                    await self._measure_guard(part, ch)
                 return
             except ChannelGone as exc:
                 if exc.reply_code == NOT_FOUND:
@@ -322,15 +325,13 @@ class Worker:
                 self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
                                f"delivered {redeliveries} times without an ack (it kills its worker?)")
                 return
-        if part.guard_left:
-            part.guard_left -= 1
+        if part.guard_left or (method.redelivered and self._guard):
+            # backlog from before we held the partition, or returned by a consumer that died
+            # (maybe mid-guard): it may have been routed by an earlier ring, so route it again
+            if part.guard_left:
+                part.guard_left -= 1
             self._count_reroute(part)
             self._forward(ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
-            return
-        if part.guard_left is None:
-            part.acquired_at = self.clock()
-            part.held = [(method, props, body)]
-            asyncio.ensure_future(self._measure_guard(part, ch))
             return
         if headers is not None:
             delay_ms = headers.get(codec.H_DELAY_MS)
@@ -368,7 +369,12 @@ class Worker:
         return headers
 
     async def _measure_guard(self, part: Partition, ch: Channel) -> None:
-        """First delivery after acquiring: the backlog to re-route is what we hold plus what is still ready."""
+        """Right after subscribing: the backlog to re-route is what we hold plus what is still ready.
+
+        Every message routed by an earlier ring (DESIGN fact 1) was enqueued before the broker
+        restart that preceded this connection, so it is in this count (or comes back
+        redelivered, which is re-routed too). Over-counting only re-routes a few fresh
+        events, which is harmless."""
         try:
             ok = await ch.rpc("queue_declare", queue=part.queue, passive=True)
         except ChannelGone:
@@ -377,8 +383,9 @@ class Worker:
             return  # _release re-routes what is held
         held = part.held or []
         part.guard_left = window = len(held) + ok.method.message_count
-        log.info("acquired %s: re-routing %d backlog events", part.queue, window,
-                 extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
+        if window:
+            log.info("acquired %s: re-routing %d backlog events", part.queue, window,
+                     extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
         part.held = None
         self.stats.deliveries -= len(held)  # counted once already, when held
         for method, props, body in held:
@@ -387,7 +394,7 @@ class Worker:
     def _count_reroute(self, part: Partition) -> None:
         part.rerouted += 1
         self.stats.rerouted += 1
-        if part.guard_left == 0:
+        if part.guard_left == 0 and part.rerouted:
             log.info("%s: ring-drift guard re-routed %d events in %.0f ms", part.queue, part.rerouted,
                      (self.clock() - part.acquired_at) * 1000,
                      extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})

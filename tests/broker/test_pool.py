@@ -1,0 +1,331 @@
+"""The pool against the real broker: real supervisor and worker processes, real signals.
+
+Every test runs ``ctlpool run`` as a subprocess on a topology of its own (unique prefix),
+with controllers from tests/ctl_fixtures.py that record every reconcile to files.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ctl_fixtures import overlaps, read_records
+from tests.helpers import Pool, get_all, publish_many, queue_depth, wait_until
+
+PARTITIONS = 8
+
+
+@pytest.fixture
+def rec_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "rec"
+    d.mkdir()
+    return d
+
+
+def make_pool(amqp_url: str, prefix: str, tmp_path: Path, rec_dir: Path, *args: str,
+              controllers: str = "tests.ctl_fixtures:Recorder", env: dict[str, str] | None = None,
+              log_name: str = "pool.log") -> Pool:
+    return Pool(amqp_url, prefix, controllers, "--workers", "2", "--partitions", str(PARTITIONS), *args,
+                env={"CTLPOOL_TEST_RECORD_DIR": str(rec_dir), **(env or {})}, log_path=tmp_path / log_name)
+
+
+def backlog(url: str, prefix: str, controller: str = "rec", tiers: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)) -> int:
+    queues = [f"{prefix}.{controller}.p{i:03d}" for i in range(PARTITIONS)]
+    queues += [f"{prefix}.{controller}.delay.{t}s" for t in tiers]
+    return sum(queue_depth(url, q) for q in queues)
+
+
+def ok_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["r"] == "ok"]
+
+
+def assert_ranges_covered(records: list[dict[str, Any]], per_key: dict[str, int]) -> None:
+    """Without crashes each key's events arrive in order, so a reconcile that saw event n and
+    covered c deliveries accounts for events n-c+1..n: together they must be exactly 1..N per key."""
+    seen: dict[str, list[int]] = {}
+    for r in ok_records(records):
+        seen.setdefault(r["k"], []).extend(range(r["n"] - r["c"] + 1, r["n"] + 1))
+    for key, count in per_key.items():
+        assert sorted(seen.get(key, [])) == list(range(1, count + 1)), f"key {key}: events covered {seen.get(key)}"
+
+
+def keyed_events(hot: int, hot_events: int, cold: int, **extra: Any) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    """Interleaved events: ``hot`` keys with ``hot_events`` each, ``cold`` keys with one each; n counts per key."""
+    events: list[tuple[str, Any]] = []
+    per_key: dict[str, int] = {}
+    for i in range(max(hot_events, 1)):
+        for h in range(hot):
+            if i < hot_events:
+                per_key[f"hot{h}"] = per_key.get(f"hot{h}", 0) + 1
+                events.append((f"hot{h}", {"n": per_key[f"hot{h}"], **extra}))
+        for c in range(i * cold // hot_events if hot_events else 0, (i + 1) * cold // hot_events if hot_events else cold):
+            per_key[f"cold{c}"] = 1
+            events.append((f"cold{c}", {"n": 1, **extra}))
+    return events, per_key
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("controller", ["rec", "recs"])
+def test_per_key_exclusivity_and_coverage(amqp_url, prefix, tmp_path, rec_dir, controller):
+    # Given a pool of 2 workers running a controller whose reconciles take a few ms
+    refs = "tests.ctl_fixtures:Recorder" if controller == "rec" else "tests.ctl_fixtures:SyncRecorder"
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--concurrency", "16", controllers=refs).start()
+    try:
+        pool.wait_ready()
+        # When 20 hot keys get 50 events each and 2000 cold keys one each, interleaved
+        events, per_key = keyed_events(hot=20, hot_events=50, cold=2000, sleep_ms=2)
+        publish_many(amqp_url, prefix, controller, events)
+        wait_until(lambda: backlog(amqp_url, prefix, controller) == 0 and
+                   sum(r["c"] for r in ok_records(read_records(str(rec_dir)))) >= len(events),
+                   timeout=90, what="all events reconciled")
+    finally:
+        assert pool.stop() == 0
+    records = read_records(str(rec_dir))
+    # Then no two reconciles of one key ever overlapped, in one worker or across both
+    assert overlaps(records) == []
+    assert len({r["pid"] for r in records}) == 2, "both workers took part"
+    # and every event was covered by exactly one successful reconcile; nothing failed or parked
+    assert sum(r["c"] for r in ok_records(records)) == len(events)
+    assert_ranges_covered(records, per_key)
+    assert queue_depth(amqp_url, f"{prefix}.{controller}.parked") == 0
+
+
+@pytest.mark.timeout(90)
+def test_events_for_a_busy_key_coalesce(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool whose reconcile of key "hot" is slow (1.5 s)
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "200").start()
+    try:
+        pool.wait_ready()
+        publish_many(amqp_url, prefix, "rec", [("hot", {"n": 1, "sleep_ms": 1500})])
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.p{0:03d}") >= 0, 5)
+        time.sleep(0.3)  # the first reconcile is now running
+        # When 99 more events for the same key arrive while it runs
+        publish_many(amqp_url, prefix, "rec", [("hot", {"n": n}) for n in range(2, 101)])
+        wait_until(lambda: sum(r["c"] for r in read_records(str(rec_dir))) >= 100, 30, what="100 events covered")
+    finally:
+        assert pool.stop() == 0
+    records = read_records(str(rec_dir))
+    # Then they collapse into far fewer reconciles, all 100 deliveries acked, nothing parked
+    assert len(records) <= 5, records
+    assert sum(r["c"] for r in records) == 100
+    assert records[-1]["n"] == 100, "the follow-up reconcile saw the latest event"
+    assert overlaps(records) == []
+    assert backlog(amqp_url, prefix) == 0
+    assert queue_depth(amqp_url, f"{prefix}.rec.parked") == 0
+
+
+@pytest.mark.timeout(120)
+def test_backoff_retries_then_parks(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a controller with base 1 s, factor 2, jitter 10%, max 4 attempts
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        # When one key fails twice then succeeds, one always fails, one is Permanent and one is garbage
+        publish_many(amqp_url, prefix, "rec", [("flaky", {"n": 1, "fail": 2}), ("doomed", {"n": 1, "fail": 99}),
+                                               ("bad", {"n": 1, "permanent": True})])
+        _publish_raw(amqp_url, f"{prefix}.rec", "garbage", b"{not json")
+        publish_many(amqp_url, prefix, "rec", [("after-garbage", {"n": 1})])
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= 3, 60, what="3 parked")
+        wait_until(lambda: any(r["k"] == "flaky" and r["r"] == "ok" for r in read_records(str(rec_dir))), 30)
+    finally:
+        assert pool.stop() == 0
+    records = read_records(str(rec_dir))
+    flaky = sorted((r for r in records if r["k"] == "flaky"), key=lambda r: r["s"])
+    # Then "flaky" ran k+1 = 3 times, with gaps following 1 s then 2 s (±10% jitter, ±0.5 s tier resolution)
+    assert [r["r"] for r in flaky] == ["error", "error", "ok"]
+    gaps = [(b["s"] - a["e"]) / 1e9 for a, b in zip(flaky, flaky[1:])]
+    assert 0.4 <= gaps[0] <= 1.9, gaps
+    assert 1.3 <= gaps[1] <= 3.0, gaps
+    # and "doomed" ran max_attempts = 4 times, "bad" once, the garbage never reached a reconcile
+    assert [r["a"] for r in sorted((r for r in records if r["k"] == "doomed"), key=lambda r: r["s"])] == [0, 1, 2, 3]
+    assert sum(1 for r in records if r["k"] == "bad") == 1
+    assert not any(r["k"] == "garbage" for r in records)
+    assert any(r["k"] == "after-garbage" and r["r"] == "ok" for r in records), "the worker kept going"
+    parked = {p.headers["x-ctlpool-reason"]: (p, b) for _, p, b in get_all(amqp_url, f"{prefix}.rec.parked")}
+    assert set(parked) == {"max-attempts", "permanent", "undecodable"}
+    assert "transient failure 4" in parked["max-attempts"][0].headers["x-ctlpool-error"]
+    assert "is invalid" in parked["permanent"][0].headers["x-ctlpool-error"]
+    assert parked["undecodable"][1] == b"{not json", "the body is parked untouched"
+    assert all("x-death" not in p.headers for p, _ in parked.values())
+
+
+@pytest.mark.timeout(90)
+def test_requeue_after_including_longer_than_largest_tier(amqp_url, prefix, tmp_path, rec_dir):
+    # Given delay tiers of 1 s and 2 s only
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--tiers-s", "1,2").start()
+    try:
+        pool.wait_ready()
+        # When one key asks to come back in 1.5 s and another in 5 s (> the largest tier)
+        now = time.time()
+        publish_many(amqp_url, prefix, "rec", [("short", {"n": 1, "requeue_after": 1.5, "t0": now}),
+                                               ("long", {"n": 1, "requeue_after": 5, "t0": now})])
+        wait_until(lambda: sum(1 for r in read_records(str(rec_dir)) if r["r"] == "ok") >= 2, 30)
+    finally:
+        assert pool.stop() == 0
+    records = read_records(str(rec_dir))
+    # Then each was reconciled twice, the second time after the delay (±0.5 s, the smallest tier / 2)
+    for key, delay in (("short", 1.5), ("long", 5.0)):
+        first, second = sorted((r for r in records if r["k"] == key), key=lambda r: r["s"])
+        assert (first["r"], second["r"]) == ("requeue", "ok")
+        gap = (second["s"] - first["e"]) / 1e9
+        assert delay - 0.6 <= gap <= delay + 1.0, (key, gap)
+    assert backlog(amqp_url, prefix, tiers=(1, 2)) == 0
+
+
+def _publish_raw(url: str, exchange: str, key: str, body: bytes) -> None:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish(exchange, key, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    finally:
+        conn.close()
+
+
+class Load:
+    """Publishes events at a steady pace from a thread until stopped; counts what it published."""
+
+    def __init__(self, url: str, prefix: str, controller: str = "rec", rate: int = 1000, hot: int = 10) -> None:
+        self.url, self.prefix, self.controller, self.rate, self.hot = url, prefix, controller, rate, hot
+        self.stop = threading.Event()
+        self.per_key: dict[str, int] = {}
+        self.cold = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        from pool.publisher import Publisher
+
+        async def go() -> None:
+            async with Publisher(self.url, prefix=self.prefix) as pub:
+                batch = max(self.rate // 20, 1)
+                while not self.stop.is_set():
+                    t = time.monotonic()
+                    events = []
+                    for i in range(batch):
+                        if i % 2:
+                            key = f"hot{i % self.hot}"
+                        else:
+                            self.cold += 1
+                            key = f"cold{self.cold}"
+                        self.per_key[key] = self.per_key.get(key, 0) + 1
+                        events.append((self.controller, key, {"n": self.per_key[key], "sleep_ms": 1}))
+                    await pub.publish_many(events)
+                    await asyncio.sleep(max(0.0, 0.05 - (time.monotonic() - t)))
+
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def __enter__(self) -> "Load":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        assert self.error is None, self.error
+
+    @property
+    def published(self) -> int:
+        return sum(self.per_key.values())
+
+
+def assert_none_lost(records: list[dict[str, Any]], per_key: dict[str, int]) -> None:
+    """With redeliveries order may change, so check per key: the newest event (max n) was seen by a
+    successful reconcile or a later-starting one covered it; cold keys (one event each) exactly."""
+    ok = ok_records(records)
+    seen_cold = {r["k"] for r in ok if r["k"].startswith("cold")}
+    cold = {k for k in per_key if k.startswith("cold")}
+    assert cold - seen_cold == set(), f"{len(cold - seen_cold)} cold keys never reconciled"
+    for key in per_key:
+        if key.startswith("hot"):
+            assert sum(r["c"] for r in ok if r["k"] == key) >= per_key[key], key
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_worker_mid_load_loses_nothing(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a loaded pool
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        with Load(amqp_url, prefix, rate=1000) as load:
+            time.sleep(2)
+            # When a worker is SIGKILLed mid-load, twice
+            for _ in range(2):
+                victim = pool.worker_pids()[0]
+                import os
+
+                os.kill(victim, signal.SIGKILL)
+                wait_until(lambda: victim not in pool.worker_pids() and len(pool.worker_pids()) == 2, 20,
+                           what="worker restarted")
+                time.sleep(2)
+        wait_until(lambda: backlog(amqp_url, prefix) == 0, 60, what="backlog drained")
+    finally:
+        assert pool.stop() == 0
+    # Then the supervisor restarted it, and every event is reconciled, none lost, no overlap
+    logs = pool.logs()
+    assert sum(1 for entry in logs if "died" in entry["msg"] and "restarting" in entry["msg"]) == 2
+    records = read_records(str(rec_dir))
+    assert_none_lost(records, load.per_key)
+    assert overlaps(records) == []
+    assert backlog(amqp_url, prefix) == 0, "nothing left unacked after the drain"
+    assert queue_depth(amqp_url, f"{prefix}.rec.parked") == 0
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_drains_under_load_and_restart_finishes(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool working through a backlog of slow-ish events
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--drain-timeout-s", "20", "--concurrency", "8").start()
+    pool.wait_ready()
+    events, per_key = keyed_events(hot=10, hot_events=100, cold=15000, sleep_ms=10)
+    publish_many(amqp_url, prefix, "rec", events)
+    time.sleep(1.0)
+    # When it gets SIGTERM mid-way
+    t = time.monotonic()
+    code = pool.stop(timeout=40)
+    drained_in = time.monotonic() - t
+    # Then it exits 0 within the drain time, having left the rest on the broker
+    assert code == 0
+    assert drained_in < 25
+    records = read_records(str(rec_dir))
+    left = backlog(amqp_url, prefix)
+    assert left > 0, "the test needs work left over at SIGTERM"
+    # and a restarted pool finishes the rest: nothing lost, nothing reconciled twice at once
+    pool2 = make_pool(amqp_url, prefix, tmp_path, rec_dir, log_name="pool2.log").start()
+    try:
+        pool2.wait_ready()
+        wait_until(lambda: backlog(amqp_url, prefix) == 0, 90, what="rest drained")
+    finally:
+        assert pool2.stop() == 0
+    records = read_records(str(rec_dir))
+    assert overlaps(records) == []
+    assert sum(r["c"] for r in ok_records(records)) == len(events), "each event covered exactly once"
+    assert_none_lost(records, per_key)
+    assert queue_depth(amqp_url, f"{prefix}.rec.parked") == 0
+
+
+@pytest.mark.timeout(60)
+def test_broker_unreachable_at_start_is_a_clear_retry_loop(prefix, tmp_path, rec_dir):
+    # Given a URL where nothing listens
+    pool = Pool("amqp://guest:secret@127.0.0.1:1/%2F", prefix, "tests.ctl_fixtures:Recorder", "--log-format", "json",
+                env={"CTLPOOL_TEST_RECORD_DIR": str(rec_dir)}, log_path=tmp_path / "pool.log").start()
+    # When it has had time to try a few times
+    wait_until(lambda: sum(1 for e in pool.logs() if "retrying" in e.get("msg", "")) >= 2, 30, what="2 retries")
+    assert pool.stop(timeout=10) in (0, -signal.SIGTERM, 143)
+    text = (tmp_path / "pool.log").read_text()
+    # Then it logged one-line retries naming the broker (password redacted) and how to start it; no traceback
+    assert "Traceback" not in text
+    assert "secret" not in text
+    first = next(e for e in pool.logs() if "retrying" in e["msg"])
+    assert "127.0.0.1:1" in first["msg"] and "rabbitmq-server -detached" in first["msg"]

@@ -1,0 +1,118 @@
+"""Controllers used by the broker tests, loaded by real pool processes as ``tests.ctl_fixtures:Recorder``.
+
+Every reconcile (success or not) appends one JSON line to ``$CTLPOOL_TEST_RECORD_DIR/<pid>.jsonl``
+with one ``os.write`` (atomic for short lines with O_APPEND, and it survives SIGKILL):
+key, start/end on CLOCK_MONOTONIC (shared by all processes on the host), pid, the event's
+``n``, deliveries covered (``c`` = ctx.coalesced + 1), attempt and the outcome.
+
+The event drives behaviour: ``sleep_ms`` (hold the key), ``fail`` (raise on attempts < fail),
+``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
+of the delay after wall time t0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import orjson
+
+from pool import Controller, Permanent, Result, RetryPolicy
+
+_fds: dict[int, int] = {}
+
+
+def _record(rec: dict[str, Any]) -> None:
+    pid = os.getpid()
+    fd = _fds.get(pid)
+    if fd is None:
+        path = os.path.join(os.environ["CTLPOOL_TEST_RECORD_DIR"], f"{pid}.jsonl")
+        fd = _fds[pid] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, orjson.dumps(rec) + b"\n")
+
+
+def _policy() -> RetryPolicy:
+    return RetryPolicy(base_s=float(os.environ.get("CTLPOOL_TEST_BASE_S", "1")), factor=2.0,
+                       max_delay_s=8.0, max_attempts=int(os.environ.get("CTLPOOL_TEST_MAX_ATTEMPTS", "4")),
+                       jitter=0.1)
+
+
+def _outcome(key: str, event: Any, ctx: Any) -> Result | None:
+    ev = event if isinstance(event, dict) else {}
+    if ev.get("permanent"):
+        raise Permanent(f"item {key} is invalid")
+    if ctx.attempt < ev.get("fail", 0):
+        raise RuntimeError(f"transient failure {ctx.attempt + 1}")
+    # requeue once: the first reconcile happens right after t0, the next one about requeue_after later
+    if ev.get("requeue_after") is not None and time.time() < ev["t0"] + ev["requeue_after"] / 2:
+        return Result(requeue_after=ev["requeue_after"])
+    return None
+
+
+class Recorder(Controller):
+    """Async reconcile that records what it did."""
+
+    name = "rec"
+    retry = _policy()
+
+    async def reconcile(self, key: str, event: Any, ctx: Any) -> Result | None:
+        start = time.monotonic_ns()
+        ev = event if isinstance(event, dict) else {}
+        if ev.get("sleep_ms"):
+            await asyncio.sleep(ev["sleep_ms"] / 1000)
+        return self._finish(key, ev, ctx, start)
+
+    def _finish(self, key: str, ev: dict[str, Any], ctx: Any, start: int) -> Result | None:
+        rec = {"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "c": ctx.coalesced + 1,
+               "a": ctx.attempt, "w": time.time()}
+        try:
+            out = _outcome(key, ev, ctx)
+        except Exception as exc:
+            rec.update(e=time.monotonic_ns(), r="error", err=str(exc))
+            _record(rec)
+            raise
+        rec.update(e=time.monotonic_ns(), r="requeue" if out else "ok")
+        _record(rec)
+        return out
+
+
+class SyncRecorder(Recorder):
+    """The same, as a plain ``def`` (runs in the worker's thread pool)."""
+
+    name = "recs"
+
+    def reconcile(self, key: str, event: Any, ctx: Any) -> Result | None:  # type: ignore[override]
+        start = time.monotonic_ns()
+        ev = event if isinstance(event, dict) else {}
+        if ev.get("sleep_ms"):
+            time.sleep(ev["sleep_ms"] / 1000)
+        return self._finish(key, ev, ctx, start)
+
+
+def read_records(directory: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(directory, name), "rb") as fh:
+                out.extend(orjson.loads(line) for line in fh if line.strip())
+    return out
+
+
+def overlaps(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs of reconciles of the same key whose [start, end] intervals intersect."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_key.setdefault(r["k"], []).append(r)
+    bad = []
+    for recs in by_key.values():
+        recs.sort(key=lambda r: r["s"])
+        latest_end = None
+        prev = None
+        for r in recs:
+            if latest_end is not None and r["s"] < latest_end:
+                bad.append((prev, r))
+            if latest_end is None or r["e"] > latest_end:
+                latest_end, prev = r["e"], r
+    return bad

@@ -1,0 +1,150 @@
+"""Test helpers that talk to the real broker and run the real pool as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def list_names(prefix: str) -> tuple[list[str], list[str]]:
+    """Queues and exchanges whose names start with ``prefix.`` (via rabbitmqctl)."""
+    def names(kind: str) -> list[str]:
+        out = subprocess.run(["rabbitmqctl", "-q", f"list_{kind}", "name"], capture_output=True, text=True,
+                             timeout=60).stdout
+        return [line.strip() for line in out.splitlines() if line.strip().startswith(prefix + ".")]
+    return names("queues"), names("exchanges")
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    queues, exchanges = list_names(prefix)
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        for q in queues:
+            ch.queue_delete(q)
+        for e in exchanges:
+            ch.exchange_delete(e)
+    finally:
+        conn.close()
+
+
+def queue_depth(url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        conn.close()
+
+
+def get_all(url: str, queue: str) -> list[tuple[Any, Any, bytes]]:
+    """Take every ready message from ``queue`` (acked): (method, properties, body)."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    out = []
+    try:
+        ch = conn.channel()
+        while True:
+            m, p, b = ch.basic_get(queue, auto_ack=True)
+            if m is None:
+                return out
+            out.append((m, p, b))
+    finally:
+        conn.close()
+
+
+class Pool:
+    """``ctlpool run`` as a real subprocess (its own process group)."""
+
+    def __init__(self, url: str, prefix: str, controllers: str, *args: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", controllers, "--prefix", prefix,
+                    "--log-format", "json", *args]
+        self.env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Pool":
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the supervisor logs that all workers are consuming."""
+        assert self.log_path is not None, "wait_ready needs log_path"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"pool exited early with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            for line in self.log_path.read_text().splitlines():
+                if '"all ' in line and "workers ready" in line:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"pool not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (drain) and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def logs(self) -> list[dict[str, Any]]:
+        assert self.log_path is not None
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+def publish_many(url: str, prefix: str, controller: str, events: list[tuple[str, Any]]) -> None:
+    """Publish (key, payload) pairs with confirms through the real Publisher."""
+    import asyncio
+
+    from pool.publisher import Publisher
+
+    async def go() -> None:
+        async with Publisher(url, prefix=prefix) as pub:
+            await pub.publish_many((controller, k, p) for k, p in events)
+
+    asyncio.run(go())
+
+
+def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
