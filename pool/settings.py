@@ -64,6 +64,10 @@ class WorkerSettings:
     """On SIGTERM, in-flight reconciles get this long to finish before the worker quits anyway."""
     reroute_on_acquire: bool = True
     """Re-route a partition's backlog on acquiring it (ring-drift guard); off only for RabbitMQ >= 4.3."""
+    heartbeat_interval_s: float = 1.0
+    """How often each worker announces itself on ``ctl.members``."""
+    member_timeout_s: float = 5.0
+    """A member silent this long is gone and its partitions move (about 5 missed heartbeats)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("reconcile-timeout-s", "worker", "reconcile_timeout_s", _positive_float, "per-reconcile timeout (default 300)", "S"),
     Option("drain-timeout-s", "worker", "drain_timeout_s", _positive_float, "time in-flight work gets on SIGTERM (default 60)", "S"),
     Option("reroute-on-acquire", "worker", "reroute_on_acquire", _bool, "ring-drift guard (default true; false only on RabbitMQ >= 4.3)", "BOOL"),
+    Option("heartbeat-interval-s", "worker", "heartbeat_interval_s", _positive_float, "membership heartbeat period (default 1)", "S"),
+    Option("member-timeout-s", "worker", "member_timeout_s", _positive_float, "a member silent this long is gone (default 5)", "S"),
 )
 
 ENV_PREFIX = "CTLPOOL_"
