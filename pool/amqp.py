@@ -173,13 +173,14 @@ class Channel:
         finally:
             self._pending.discard(fut)
 
-    async def consume(self, queue: str, on_message: Callable[..., None], *, exclusive: bool = False) -> str:
-        """Start consuming with manual acks; returns the consumer tag once the broker said ok."""
+    async def consume(self, queue: str, on_message: Callable[..., None], *, exclusive: bool = False,
+                      auto_ack: bool = False) -> str:
+        """Start consuming (manual acks unless ``auto_ack``); returns the consumer tag once the broker said ok."""
         if self.closed.done():
             raise self.closed.result()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.add(fut)
-        tag = self.raw.basic_consume(queue, on_message, auto_ack=False, exclusive=exclusive,
+        tag = self.raw.basic_consume(queue, on_message, auto_ack=auto_ack, exclusive=exclusive,
                                      callback=lambda frame: fut.done() or fut.set_result(frame))
         try:
             await fut

@@ -20,6 +20,7 @@ H_ATTEMPT = "x-ctlpool-attempt"  # failures so far of the event this message car
 H_DELAY_MS = "x-ctlpool-delay-ms"  # delay still to serve after the current tier hop
 H_FIRST_MS = "x-ctlpool-first-ms"  # wall-clock ms when the event was first published
 H_REDELIVERIES = "x-ctlpool-redeliveries"  # deliveries lost to dead workers, carried across re-routes
+H_KEY = "x-ctlpool-key"  # the item key of a parked message (its routing key is the parking queue)
 H_REASON = "x-ctlpool-reason"  # why it was parked: one of the PARK_* values
 H_ERROR = "x-ctlpool-error"  # the error text behind the reason
 H_PARKED_FROM = "x-ctlpool-parked-from"  # partition queue it was parked from

@@ -10,6 +10,7 @@ comes back, so any delay is served to within half the smallest tier.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,8 +49,12 @@ class RetryPolicy:
 
         ``rand`` returns a float in [0, 1) (``random.random`` in production).
         """
-        exponent = min(max(failures - 1, 0), 64)  # 2**64 s already exceeds any cap
-        raw = min(self.base_s * self.factor**exponent, self.max_delay_s)
+        exponent = max(failures - 1, 0)
+        # Compare in logs: factor**exponent may overflow a float long after it passed the cap.
+        if exponent * math.log(self.factor) >= math.log(self.max_delay_s / self.base_s):
+            raw = self.max_delay_s
+        else:
+            raw = min(self.base_s * self.factor**exponent, self.max_delay_s)
         return raw * (1 + self.jitter * (2 * rand() - 1))
 
 

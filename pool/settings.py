@@ -93,9 +93,15 @@ class PoolSettings:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password replaced by ``***`` (its whole user part if the URL does not parse)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        _, at, host = rest.rpartition("@")
+        return f"{scheme}{sep}***@{host}" if at else url
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
@@ -117,6 +123,8 @@ def _positive_int(v: Any) -> int:
 
 
 def _positive_float(v: Any) -> float:
+    if isinstance(v, bool):  # TOML true is not 1.0
+        raise ValueError("expected a positive number")
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -287,7 +295,8 @@ def resolve(
                 value = opt.parse(raw)
             except ValueError as exc:
                 where = "" if source.startswith("--") else f" (from {source})"
-                raise ConfigError(f"--{opt.name}{where}: {exc}, got {str(raw)[:80]!r}") from None
+                shown = redact_url(str(raw)) if opt.parse is _url else str(raw)  # errors reach the journal
+                raise ConfigError(f"--{opt.name}{where}: {exc}, got {shown[:80]!r}") from None
             if opt.attr in groups[opt.group] and opt.name.endswith("-file"):
                 break  # --amqp-url, from any source, wins over --amqp-url-file
             groups[opt.group][opt.attr] = value

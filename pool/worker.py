@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
 import threading
 import time
@@ -35,17 +36,20 @@ import pika
 
 from . import codec
 from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
+from . import membership
 from .assignment import Member, owned_by
+from .membership import MemberTable
 from .codec import DecodeFailed
 from .controller import Context, Controller, Result, is_async
 from .errors import BrokerError, Permanent
 from .retries import next_hop
 from .settings import PoolSettings, redact_url
-from .topology import NOT_FOUND, Names
+from .topology import NOT_FOUND, Names, members_exchange
 
 log = logging.getLogger("ctlpool.worker")
 _NO_HEADERS: dict[str, Any] = {}
 
+SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking partitions
 RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
 ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
 JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
@@ -70,7 +74,7 @@ class Partition:
     """One partition queue this worker consumes (or is acquiring / releasing)."""
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
-                 "releasing", "acquired_at", "rerouted")
+                 "releasing", "acquired_at", "rerouted", "unacked")
 
     def __init__(self, ctl: _Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -85,6 +89,7 @@ class Partition:
         self.releasing = False
         self.acquired_at = 0.0
         self.rerouted = 0
+        self.unacked = 0  # deliveries received and not yet acked (shown by ``ctlpool status``)
 
 
 class Delivery:
@@ -154,6 +159,12 @@ class Worker:
         self._pub: ConfirmChannel | None = None
         self._consume_conn: Connection | None = None
         self._connected = False
+        self._members = MemberTable(settings.worker.member_timeout_s, clock)
+        self._hb_ch: Channel | None = None
+        self._acquiring: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._started = wall()
+        self._joined = False  # listened for peers; may take partitions
         self._conns: list[Connection] = []
         self._known_exchanges = {c.exchange for c in self.ctls}
         self._stop = asyncio.Event()
@@ -204,7 +215,7 @@ class Worker:
         self.on_state("stopped")
 
     async def _session(self) -> None:
-        """One connected period: connect, acquire, serve until stop (drain) or connection loss."""
+        """One connected period: connect, join, acquire, serve until stop (drain) or connection loss."""
         b = self.settings.broker
         consume = await connect(b.amqp_url, name=f"ctlpool {self.member_id} consume", heartbeat_s=b.heartbeat_s)
         self._conns.append(consume)
@@ -213,12 +224,29 @@ class Worker:
         self._pub = await publish.confirm_channel()
         self._consume_conn = consume
         self._connected = True
-        await self._apply_ownership(self._static_ownership())
-        log.info("consuming %d partitions", len(self._parts), extra={"worker": self.index})
-        self.on_state("ready")
+        self._members = MemberTable(self.settings.worker.member_timeout_s, self.clock)
+        self._hb_ch = await consume.channel()
+        ok = await self._hb_ch.rpc("queue_declare", queue="", exclusive=True, auto_delete=True)
+        await self._hb_ch.rpc("queue_bind", queue=ok.method.queue, exchange=members_exchange(b.prefix))
+        await self._hb_ch.consume(ok.method.queue, self._on_heartbeat, auto_ack=True)
+        self._heartbeat()
+        # Listen before taking anything: peers already running announce themselves within an
+        # interval, so a newcomer doesn't grab the whole controller and hand most of it back.
+        await self._sleep(SETTLE_INTERVALS * self.settings.worker.heartbeat_interval_s)
+        if not self._stop.is_set():
+            self._joined = True
+            self._rebalance()
+            await self._settled()
+            log.info("member %s consuming %d partitions (%d members)", self.member_id, self._active_count(),
+                     len(self._members.live()), extra={"worker": self.index})
+            self.on_state("ready")
+        ticker = asyncio.ensure_future(self._membership_loop())
         stop = asyncio.ensure_future(self._stop.wait())
         lost = [consume.closed, publish.closed, self._pub.ch.closed]
-        done, _ = await asyncio.wait([stop, *lost], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait([stop, *lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ticker.cancel()
         if stop in done:
             await self._drain()
             return
@@ -226,16 +254,91 @@ class Worker:
         reason = next(f.result() for f in lost if f.done())
         raise ChannelGone(reason.reply_code, f"connection lost: {reason.reply_text}")
 
-    def _static_ownership(self) -> dict[int, set[int]]:
-        """Partitions per controller for this worker: a rendezvous split among this host's workers."""
-        members = [Member(f"{self.settings.node_id}/{i}", self.settings.weight) for i in range(self.settings.workers)]
-        return {c.index: owned_by(self.member_id, members, c.name, self.settings.topology.partitions) for c in self.ctls}
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early on stop."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _settled(self) -> None:
+        """Wait until no acquisition is pending (classic partitions a peer still holds are retried)."""
+        while self._acquiring and not self._stop.is_set():
+            await asyncio.wait(set(self._acquiring), timeout=1.0)
+
+    def _active_count(self) -> int:
+        return sum(1 for p in self._parts.values() if p.ch is not None and not p.releasing)
+
+    # ---------------------------------------------------------------- membership
+
+    def _on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        hb = membership.decode(body)
+        if hb is not None and self._members.observe(hb):
+            self._rebalance()
+
+    def _heartbeat(self, bye: bool = False) -> None:
+        if self._hb_ch is None or not self._hb_ch.is_open:
+            return
+        parts: dict[str, dict[int, int]] = {}
+        for part in self._parts.values():
+            if part.ch is not None and not part.releasing:
+                parts.setdefault(part.ctl.name, {})[part.index] = part.unacked
+        hb = membership.Heartbeat(id=self.member_id, node=self.settings.node_id, worker=self.index,
+                                  weight=self.settings.weight, started=self._started,
+                                  controllers=tuple(c.name for c in self.ctls), bye=bye, parts=parts,
+                                  pid=os.getpid())
+        # not persistent, not confirmed: a lost heartbeat is just a late one
+        self._hb_ch.raw.basic_publish(members_exchange(self.settings.broker.prefix), "", membership.encode(hb))
+
+    async def _membership_loop(self) -> None:
+        interval = self.settings.worker.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self._heartbeat()
+            gone = self._members.expire()
+            if gone:
+                log.info("members gone (no heartbeat for %.0fs): %s", self.settings.worker.member_timeout_s,
+                         ", ".join(gone), extra={"worker": self.index})
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Acquire partitions this member should own and release the rest, in the background."""
+        if self._stop.is_set() or not self._connected or not self._joined:
+            return
+        live = self._members.live()
+        p = self.settings.topology.partitions
+        for ctl in self.ctls:
+            members = [Member(hb.id, hb.weight) for hb in live if ctl.name in hb.controllers]
+            if not any(m.id == self.member_id for m in members):
+                members.append(Member(self.member_id, self.settings.weight))
+            want = owned_by(self.member_id, members, ctl.name, p)
+            for index in sorted(want):
+                if (ctl.index, index) not in self._parts:
+                    self._spawn(self._acquire(ctl.index, index), self._acquiring)
+            for (ci, index), part in list(self._parts.items()):
+                if ci == ctl.index and index not in want and not part.releasing:
+                    self._spawn(self._release(part), self._releasing)
+
+    def _spawn(self, coro: Any, bucket: set[asyncio.Task[None]]) -> None:
+        task = asyncio.ensure_future(coro)
+        bucket.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, bucket))
+
+    def _task_done(self, task: asyncio.Task[None], bucket: set[asyncio.Task[None]]) -> None:
+        bucket.discard(task)
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), ChannelGone):
+            log.error("partition task failed: %s", task.exception(), extra={"worker": self.index})
 
     async def _drain(self) -> None:
         self.on_state("draining")
-        parts = list(self._parts.values())
+        # Say goodbye first: peers subscribe right away (standby behind our consumers), so
+        # each partition changes hands the moment we close its channel.
+        self._heartbeat(bye=True)
+        for t in list(self._acquiring):
+            t.cancel()
+        releases = [self._release(p) for p in list(self._parts.values()) if not p.releasing]
         try:
-            await asyncio.wait_for(asyncio.gather(*(self._release(p) for p in parts)),
+            await asyncio.wait_for(asyncio.gather(*releases, *self._releasing, return_exceptions=True),
                                    self.settings.worker.drain_timeout_s)
         except asyncio.TimeoutError:
             log.warning("drain timed out after %.0fs; in-flight deliveries go back to the broker",
@@ -244,8 +347,9 @@ class Worker:
     async def _teardown(self) -> None:
         """Cancel in-flight reconciles (their deliveries return with the connection), close everything."""
         self._connected = False
+        self._joined = False
         self._wq.remove_where(lambda d: True)
-        for t in list(self._tasks):
+        for t in [*self._tasks, *self._acquiring, *self._releasing]:
             t.cancel()
         for conn in self._conns:
             conn.close()
@@ -254,15 +358,10 @@ class Worker:
         self._parts.clear()
         self._conns.clear()
         self._pub = None
+        self._hb_ch = None
         await asyncio.sleep(0)
 
     # ---------------------------------------------------------------- partitions
-
-    async def _apply_ownership(self, owned: dict[int, set[int]]) -> None:
-        """Acquire partitions newly owned, release ones no longer owned."""
-        release = [p for k, p in self._parts.items() if k[1] not in owned.get(k[0], set())]
-        acquire = [(ci, i) for ci, idxs in owned.items() for i in sorted(idxs) if (ci, i) not in self._parts]
-        await asyncio.gather(*(self._release(p) for p in release), *(self._acquire(ci, i) for ci, i in acquire))
 
     async def _acquire(self, ci: int, index: int) -> None:
         ctl = self.ctls[ci]
@@ -301,7 +400,7 @@ class Worker:
         if ch is not None and ch.is_open:
             confirms = [self._reroute_delivery(d) for d in queued if d.ch is ch]
             for method, props, body in part.held:
-                confirms.append(self._forward(ch, method, props, body, part.ctl.exchange,
+                confirms.append(self._forward(part, ch, method, props, body, part.ctl.exchange,
                                               self._carried_headers(props, method)))
             part.held = []
             if confirms:
@@ -314,6 +413,7 @@ class Worker:
 
     def _on_message(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes) -> None:
         self.stats.deliveries += 1
+        part.unacked += 1
         if part.held is not None:  # measuring the guard window, or releasing
             part.held.append((method, props, body))
             return
@@ -331,7 +431,7 @@ class Worker:
             if part.guard_left:
                 part.guard_left -= 1
             self._count_reroute(part)
-            self._forward(ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
+            self._forward(part, ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
             return
         if headers is not None:
             delay_ms = headers.get(codec.H_DELAY_MS)
@@ -406,42 +506,43 @@ class Worker:
         self.stats.hops += 1
         if tier is None:
             headers.pop(codec.H_DELAY_MS, None)
-            self._forward(ch, method, props, body, part.ctl.exchange, headers)
+            self._forward(part, ch, method, props, body, part.ctl.exchange, headers)
         else:
             headers[codec.H_DELAY_MS] = int(left * 1000)
-            self._forward(ch, method, props, body, part.ctl.names.tier(tier), headers)
+            self._forward(part, ch, method, props, body, part.ctl.names.tier(tier), headers)
 
-    def _forward(self, ch: Channel, method: Any, props: Any, body: bytes, exchange: str,
+    def _forward(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes, exchange: str,
                  headers: dict[str, Any], routing_key: str | None = None) -> asyncio.Future[None]:
         """Republish a delivery fresh to ``exchange``; ack it once confirmed (left unacked on failure)."""
         assert self._pub is not None
         fut = self._pub.publish(exchange, routing_key if routing_key is not None else method.routing_key, body,
                                 headers, pika.BasicProperties(content_type=props.content_type))
         tag = method.delivery_tag
-        fut.add_done_callback(lambda f: self._ack_if_confirmed(f, ch, tag))
+        fut.add_done_callback(lambda f: self._ack_if_confirmed(f, part, ch, tag))
         return fut
 
-    def _ack_if_confirmed(self, fut: asyncio.Future[None], ch: Channel, tag: int) -> None:
+    def _ack_if_confirmed(self, fut: asyncio.Future[None], part: Partition, ch: Channel, tag: int) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
         if exc is None:
             if ch.is_open:
                 ch.raw.basic_ack(tag)
+                part.unacked -= 1
         elif not isinstance(exc, ChannelGone):
             log.error("republish failed, delivery left unacked: %s", exc, extra={"worker": self.index})
 
     def _park_raw(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes,
                   reason: str, error: str) -> asyncio.Future[None]:
         headers = codec.clean_headers(props.headers)
-        headers.update(self._park_headers(part, reason, error))
+        headers.update(self._park_headers(part, method.routing_key, reason, error))
         self._count_park(reason)
         log.warning("parking event: %s: %s", reason, error[:200],
                     extra={"worker": self.index, "controller": part.ctl.name, "key": method.routing_key})
-        return self._forward(ch, method, props, body, "", headers, routing_key=part.ctl.names.parked)
+        return self._forward(part, ch, method, props, body, "", headers, routing_key=part.ctl.names.parked)
 
-    def _park_headers(self, part: Partition, reason: str, error: str) -> dict[str, Any]:
-        return {codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
+    def _park_headers(self, part: Partition, key: str, reason: str, error: str) -> dict[str, Any]:
+        return {codec.H_KEY: key, codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
                 codec.H_PARKED_FROM: part.queue, codec.H_PARKED_MS: int(self.wall() * 1000)}
 
     def _count_park(self, reason: str) -> None:
@@ -534,6 +635,7 @@ class Worker:
         for d in items:
             if d.ch.is_open:
                 d.ch.raw.basic_ack(d.tag)
+                d.part.unacked -= 1
 
     def _publish_then_ack(self, items: list[Delivery], exchange: str, key: str, body: bytes,
                           headers: dict[str, Any], content_type: str | None) -> asyncio.Future[None]:
@@ -581,13 +683,12 @@ class Worker:
     async def _settle_park(self, ctl: _Ctl, items: list[Delivery], reason: str, error: str) -> None:
         last = items[-1]
         headers = codec.clean_headers(last.headers)
-        headers.update(self._park_headers(last.part, reason, error))
+        headers.update(self._park_headers(last.part, last.key, reason, error))
         self._count_park(reason)
         log.warning("parking event: %s: %s", reason, error[:300],
                     extra={"worker": self.index, "controller": ctl.name, "key": last.key})
+        # via the default exchange, so the routing key is the queue's name; the item key is a header
         await self._publish_then_ack(items, "", ctl.names.parked, last.body, headers, last.content_type)
-        # the park copy is keyed by queue name; the item key stays readable in the headers
-        # (routing key of a parked message is the parking queue's name)
 
     # ---------------------------------------------------------------- ctx.publish
 
