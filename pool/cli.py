@@ -3,6 +3,7 @@
     ctlpool run        supervisor + workers            (pool.supervisor)
     ctlpool publish    send events, one or a batch     (pool.publisher)
     ctlpool topology   declare and show a controller   (pool.topology)
+    ctlpool status     members, owners, queue depths   (pool.status)
     ctlpool doctor     broker and plugin there?        (pool.doctor)
     ctlpool demo       the example controllers, live   (controllers.demo)
 
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--json", action="store_true", help="print JSON")
     _add_options(topo, TOPOLOGY_OPTS)
 
+    st = sub.add_parser("status", help="members, partition owners, queued and parked counts")
+    st.add_argument("controller", nargs="*", help="controllers to show (default: all the members run)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--listen-s", type=float, default=2.5, metavar="S", help="how long to listen for heartbeats")
+    _add_options(st, TOPOLOGY_OPTS)
+
     doc = sub.add_parser("doctor", help="check the broker and the consistent-hash plugin (--fix: start/enable locally)")
     doc.add_argument("--fix", action="store_true", help="start a local broker that is installed but stopped; enable the plugin")
     _add_options(doc, BROKER_OPTS)
@@ -112,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_publish(args)
         if args.command == "topology":
             return cmd_topology(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "doctor":
             from .doctor import doctor
 
@@ -237,6 +246,15 @@ async def _check_controller(pub: Any, controller: str) -> None:
         raise
     finally:
         await ch.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect, render
+
+    settings = settings_from(args, TOPOLOGY_OPTS)
+    snap = asyncio.run(collect(settings.broker, settings.topology, args.controller or None, args.listen_s))
+    print(orjson.dumps(snap, option=orjson.OPT_INDENT_2).decode() if args.json else render(snap))
+    return 0
 
 
 def cmd_topology(args: argparse.Namespace) -> int:

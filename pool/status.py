@@ -1,0 +1,97 @@
+"""``ctlpool status``: who is a member, who owns each partition, what is queued.
+
+Data flow: bind a private queue to ``ctl.members``, listen for a few heartbeat intervals
+(every live worker announces itself, with the partitions it consumes and their unacked
+counts), then read each partition's ready count with a passive declare. Owners are what
+the members themselves report, not a prediction, so a handover in progress shows up as
+it is (a partition with no owner for a moment, or one listed twice while the broker's
+single-consumer lock decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from . import membership, topology
+from .amqp import connect
+from .settings import BrokerSettings, TopologySettings, redact_url
+
+DEFAULT_LISTEN_S = 2.5  # a little over two default heartbeat intervals
+
+
+async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: list[str] | None = None,
+                  listen_s: float = DEFAULT_LISTEN_S) -> dict[str, Any]:
+    """Snapshot of members and partitions as a JSON-ready dict."""
+    conn = await connect(broker.amqp_url, name="ctlpool-status", heartbeat_s=broker.heartbeat_s)
+    try:
+        table = membership.MemberTable(timeout_s=listen_s * 10, clock=time.monotonic)
+        heard: dict[str, float] = {}
+        ch = await conn.channel()
+        ok = await ch.rpc("queue_declare", queue="", exclusive=True, auto_delete=True)
+        await ch.rpc("queue_bind", queue=ok.method.queue, exchange=topology.members_exchange(broker.prefix))
+
+        def on_hb(_c: Any, _m: Any, _p: Any, body: bytes) -> None:
+            hb = membership.decode(body)
+            if hb is not None:
+                table.observe(hb)
+                heard[hb.id] = time.time()
+
+        await ch.consume(ok.method.queue, on_hb, auto_ack=True)
+        await asyncio.sleep(listen_s)
+        await ch.close()
+        members = table.live()
+        names = controllers or sorted({c for hb in members for c in hb.controllers})
+        out_ctls = []
+        for name in names:
+            nm = topology.Names(broker.prefix, name)
+            queues = [nm.partition(i, topo.partitions) for i in range(topo.partitions)]
+            counts = await topology.counts(conn, queues + [nm.parked])
+            owners: dict[int, list[tuple[str, int]]] = {}
+            for hb in members:
+                for p, unacked in hb.parts.get(name, {}).items():
+                    owners.setdefault(int(p), []).append((hb.id, unacked))
+            parts = []
+            for i, q in enumerate(counts[:-1]):
+                own = owners.get(i, [])
+                parts.append({"partition": i, "queue": queues[i], "exists": q is not None,
+                              "owner": [o for o, _ in own], "ready": q.ready if q else None,
+                              "unacked": sum(u for _, u in own), "consumers": q.consumers if q else None})
+            parked = counts[-1]
+            out_ctls.append({"controller": name, "partitions": parts,
+                             "parked": parked.ready if parked else None})
+        return {
+            "broker": redact_url(broker.amqp_url),
+            "members": [{"id": hb.id, "node": hb.node, "worker": hb.worker, "weight": hb.weight, "pid": hb.pid,
+                         "controllers": list(hb.controllers),
+                         "partitions": {c: len(v) for c, v in hb.parts.items()},
+                         "last_heartbeat_s_ago": round(time.time() - heard[hb.id], 2)} for hb in members],
+            "controllers": out_ctls,
+        }
+    finally:
+        conn.close()
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """Human-readable form of ``collect``'s result."""
+    lines = [f"broker {snapshot['broker']}", "", f"members ({len(snapshot['members'])}):"]
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for m in snapshot["members"]:
+        by_node.setdefault(m["node"], []).append(m)
+    for node, ms in sorted(by_node.items()):
+        lines.append(f"  {node}  workers={len(ms)} weight={ms[0]['weight']:g}")
+        for m in ms:
+            owned = ", ".join(f"{c}:{n}" for c, n in sorted(m["partitions"].items())) or "-"
+            lines.append(f"    {m['id']:<24} pid={m['pid']:<7} partitions {owned:<20} "
+                         f"last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago")
+    for c in snapshot["controllers"]:
+        parts = c["partitions"]
+        ready = sum(p["ready"] or 0 for p in parts)
+        unacked = sum(p["unacked"] for p in parts)
+        lines += ["", f"controller {c['controller']}: {len(parts)} partitions, ready {ready}, "
+                      f"unacked {unacked}, parked {c['parked']}"]
+        for p in parts:
+            owner = ",".join(p["owner"]) or ("(missing queue)" if not p["exists"] else "(none)")
+            lines.append(f"  p{p['partition']:03d}  owner {owner:<24} ready {p['ready']!s:<8} unacked {p['unacked']}")
+    return "\n".join(lines)
