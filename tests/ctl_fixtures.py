@@ -6,7 +6,7 @@ key, start/end on CLOCK_MONOTONIC (shared by all processes on the host), pid, th
 ``n``, deliveries covered (``c`` = ctx.coalesced + 1), attempt and the outcome.
 
 The event drives behaviour: ``sleep_ms`` (hold the key), ``fail`` (raise on attempts < fail),
-``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
+``mark_start`` (record a "start" line at once), ``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
 of the delay after wall time t0).
 """
 
@@ -60,6 +60,8 @@ class Recorder(Controller):
     async def reconcile(self, key: str, event: Any, ctx: Any) -> Result | None:
         start = time.monotonic_ns()
         ev = event if isinstance(event, dict) else {}
+        if ev.get("mark_start"):
+            _record({"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "r": "start"})
         if ev.get("sleep_ms"):
             await asyncio.sleep(ev["sleep_ms"] / 1000)
         return self._finish(key, ev, ctx, start)
@@ -104,7 +106,8 @@ def overlaps(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[s
     """Pairs of reconciles of the same key whose [start, end] intervals intersect."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        by_key.setdefault(r["k"], []).append(r)
+        if r["r"] != "start":
+            by_key.setdefault(r["k"], []).append(r)
     bad = []
     for recs in by_key.values():
         recs.sort(key=lambda r: r["s"])

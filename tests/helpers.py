@@ -119,13 +119,18 @@ class Pool:
 
     def logs(self) -> list[dict[str, Any]]:
         assert self.log_path is not None
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return read_json_log(self.log_path)
+
+
+def read_json_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a file (other lines, e.g. a crash's traceback, are skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 
 
 def publish_many(url: str, prefix: str, controller: str, events: list[tuple[str, Any]]) -> None:

@@ -6,8 +6,8 @@ with controllers from tests/ctl_fixtures.py that record every reconcile to files
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,7 @@ import pytest
 
 from tests.ctl_fixtures import overlaps, read_records
 from tests.helpers import Pool, get_all, publish_many, queue_depth, wait_until
-
-PARTITIONS = 8
-
+from tests.load import PARTITIONS, Load, assert_none_lost, backlog, ok_records
 
 @pytest.fixture
 def rec_dir(tmp_path: Path) -> Path:
@@ -32,16 +30,6 @@ def make_pool(amqp_url: str, prefix: str, tmp_path: Path, rec_dir: Path, *args: 
               log_name: str = "pool.log") -> Pool:
     return Pool(amqp_url, prefix, controllers, "--workers", "2", "--partitions", str(PARTITIONS), *args,
                 env={"CTLPOOL_TEST_RECORD_DIR": str(rec_dir), **(env or {})}, log_path=tmp_path / log_name)
-
-
-def backlog(url: str, prefix: str, controller: str = "rec", tiers: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)) -> int:
-    queues = [f"{prefix}.{controller}.p{i:03d}" for i in range(PARTITIONS)]
-    queues += [f"{prefix}.{controller}.delay.{t}s" for t in tiers]
-    return sum(queue_depth(url, q) for q in queues)
-
-
-def ok_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r["r"] == "ok"]
 
 
 def assert_ranges_covered(records: list[dict[str, Any]], per_key: dict[str, int]) -> None:
@@ -189,70 +177,6 @@ def _publish_raw(url: str, exchange: str, key: str, body: bytes) -> None:
         conn.close()
 
 
-class Load:
-    """Publishes events at a steady pace from a thread until stopped; counts what it published."""
-
-    def __init__(self, url: str, prefix: str, controller: str = "rec", rate: int = 1000, hot: int = 10) -> None:
-        self.url, self.prefix, self.controller, self.rate, self.hot = url, prefix, controller, rate, hot
-        self.stop = threading.Event()
-        self.per_key: dict[str, int] = {}
-        self.cold = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import asyncio
-
-        from pool.publisher import Publisher
-
-        async def go() -> None:
-            async with Publisher(self.url, prefix=self.prefix) as pub:
-                batch = max(self.rate // 20, 1)
-                while not self.stop.is_set():
-                    t = time.monotonic()
-                    events = []
-                    for i in range(batch):
-                        if i % 2:
-                            key = f"hot{i % self.hot}"
-                        else:
-                            self.cold += 1
-                            key = f"cold{self.cold}"
-                        self.per_key[key] = self.per_key.get(key, 0) + 1
-                        events.append((self.controller, key, {"n": self.per_key[key], "sleep_ms": 1}))
-                    await pub.publish_many(events)
-                    await asyncio.sleep(max(0.0, 0.05 - (time.monotonic() - t)))
-
-        try:
-            asyncio.run(go())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def __enter__(self) -> "Load":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        assert self.error is None, self.error
-
-    @property
-    def published(self) -> int:
-        return sum(self.per_key.values())
-
-
-def assert_none_lost(records: list[dict[str, Any]], per_key: dict[str, int]) -> None:
-    """With redeliveries order may change, so check per key: the newest event (max n) was seen by a
-    successful reconcile or a later-starting one covered it; cold keys (one event each) exactly."""
-    ok = ok_records(records)
-    seen_cold = {r["k"] for r in ok if r["k"].startswith("cold")}
-    cold = {k for k in per_key if k.startswith("cold")}
-    assert cold - seen_cold == set(), f"{len(cold - seen_cold)} cold keys never reconciled"
-    for key in per_key:
-        if key.startswith("hot"):
-            assert sum(r["c"] for r in ok if r["k"] == key) >= per_key[key], key
-
-
 @pytest.mark.timeout(150)
 def test_sigkill_worker_mid_load_loses_nothing(amqp_url, prefix, tmp_path, rec_dir):
     # Given a loaded pool
@@ -264,8 +188,6 @@ def test_sigkill_worker_mid_load_loses_nothing(amqp_url, prefix, tmp_path, rec_d
             # When a worker is SIGKILLed mid-load, twice
             for _ in range(2):
                 victim = pool.worker_pids()[0]
-                import os
-
                 os.kill(victim, signal.SIGKILL)
                 wait_until(lambda: victim not in pool.worker_pids() and len(pool.worker_pids()) == 2, 20,
                            what="worker restarted")
