@@ -26,7 +26,7 @@ from .retries import tier_name
 from .settings import BrokerSettings, TopologySettings
 
 # Broker-side backstop for quorum partitions: the worker parks a message after
-# ``max_deliveries`` (default 5); the broker dead-letters to parking after this many, in
+# ``max_deliveries`` (default 3); the broker dead-letters to parking after this many, in
 # case a message kills workers before they can look at it. Fixed, because queue
 # arguments cannot change once declared.
 BROKER_DELIVERY_LIMIT = 20

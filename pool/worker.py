@@ -230,6 +230,7 @@ class Worker:
         await self._hb_ch.rpc("queue_bind", queue=ok.method.queue, exchange=members_exchange(b.prefix))
         await self._hb_ch.consume(ok.method.queue, self._on_heartbeat, auto_ack=True)
         self._heartbeat()
+        ticker = asyncio.ensure_future(self._membership_loop())
         # Listen before taking anything: peers already running announce themselves within an
         # interval, so a newcomer doesn't grab the whole controller and hand most of it back.
         await self._sleep(SETTLE_INTERVALS * self.settings.worker.heartbeat_interval_s)
@@ -240,7 +241,6 @@ class Worker:
             log.info("member %s consuming %d partitions (%d members)", self.member_id, self._active_count(),
                      len(self._members.live()), extra={"worker": self.index})
             self.on_state("ready")
-        ticker = asyncio.ensure_future(self._membership_loop())
         stop = asyncio.ensure_future(self._stop.wait())
         lost = [consume.closed, publish.closed, self._pub.ch.closed]
         try:

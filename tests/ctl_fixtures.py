@@ -6,7 +6,7 @@ key, start/end on CLOCK_MONOTONIC (shared by all processes on the host), pid, th
 ``n``, deliveries covered (``c`` = ctx.coalesced + 1), attempt and the outcome.
 
 The event drives behaviour: ``sleep_ms`` (hold the key), ``fail`` (raise on attempts < fail),
-``mark_start`` (record a "start" line at once), ``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
+``crash`` (kill the worker process), ``mark_start`` (record a "start" line at once), ``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
 of the delay after wall time t0).
 """
 
@@ -60,6 +60,8 @@ class Recorder(Controller):
     async def reconcile(self, key: str, event: Any, ctx: Any) -> Result | None:
         start = time.monotonic_ns()
         ev = event if isinstance(event, dict) else {}
+        if ev.get("crash"):
+            os._exit(1)  # a reconcile that kills its worker (segfault, OOM kill...)
         if ev.get("mark_start"):
             _record({"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "r": "start"})
         if ev.get("sleep_ms"):
@@ -91,6 +93,15 @@ class SyncRecorder(Recorder):
         if ev.get("sleep_ms"):
             time.sleep(ev["sleep_ms"] / 1000)
         return self._finish(key, ev, ctx, start)
+
+
+class CrashOnStart(Recorder):
+    """A worker that dies before it can consume: the supervisor's crash-loop case."""
+
+    name = "crashy"
+
+    def setup(self) -> None:
+        os._exit(1)
 
 
 def read_records(directory: str) -> list[dict[str, Any]]:

@@ -251,3 +251,89 @@ def test_broker_unreachable_at_start_is_a_clear_retry_loop(prefix, tmp_path, rec
     assert "secret" not in text
     first = next(e for e in pool.logs() if "retrying" in e["msg"])
     assert "127.0.0.1:1" in first["msg"] and "rabbitmq-server -detached" in first["msg"]
+
+
+@pytest.mark.timeout(120)
+def test_a_message_that_kills_its_worker_is_parked(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool, and an event whose reconcile kills the worker process every time
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        publish_many(amqp_url, prefix, "rec", [("poison", {"n": 1, "crash": True})])
+        # When it has been delivered max-deliveries (3) times
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= 1, 90, what="poison parked")
+        # Then it is parked with the reason, the pool is still up and keeps reconciling
+        publish_many(amqp_url, prefix, "rec", [("fine", {"n": 1})])
+        wait_until(lambda: any(r["k"] == "fine" for r in read_records(str(rec_dir))), 30, what="pool still works")
+        assert pool.proc.poll() is None
+    finally:
+        assert pool.stop() == 0
+    # (at least once: a worker killed between re-publishing a message and acking it leaves two copies)
+    parked = get_all(amqp_url, f"{prefix}.rec.parked")
+    assert parked
+    for _, props, body in parked:
+        assert props.headers["x-ctlpool-reason"] == "too-many-deliveries"
+        assert props.headers["x-ctlpool-key"] == "poison"
+        assert b'"crash":true' in body
+    deaths = [e for e in pool.logs() if "died" in e["msg"]]
+    assert 2 <= len(deaths) < 5, [e["msg"] for e in deaths]
+
+
+@pytest.mark.timeout(60)
+def test_crash_loop_gives_up_with_a_clear_exit(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a controller whose worker dies at once, every time
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, controllers="tests.ctl_fixtures:CrashOnStart").start()
+    # When the supervisor has restarted it with backoff a few times
+    code = pool.proc.wait(45)
+    # Then it exits with the crash-loop code and says why in one line
+    assert code == 3
+    msgs = [e["msg"] for e in pool.logs()]
+    assert any("died 5 times within 60s" in m and "giving up" in m for m in msgs), msgs
+    restarts = [m for m in msgs if "restarting in" in m]
+    delays = [float(m.split("restarting in ")[1].rstrip("s")) for m in restarts]
+    assert delays == sorted(delays) and delays[0] < delays[-1], f"backoff grows: {delays}"
+
+
+@pytest.mark.timeout(60)
+def test_reconcile_timeout_fails_the_attempt(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a 1 s reconcile timeout and at most 2 attempts
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--reconcile-timeout-s", "1",
+                     env={"CTLPOOL_TEST_MAX_ATTEMPTS": "2"}).start()
+    try:
+        pool.wait_ready()
+        # When a reconcile takes 3 s
+        publish_many(amqp_url, prefix, "rec", [("stuck", {"n": 1, "sleep_ms": 3000})])
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") == 1, 30, what="parked")
+    finally:
+        assert pool.stop() == 0
+    # Then each attempt was cut off, retried once, and parked saying so
+    [(_, props, _)] = get_all(amqp_url, f"{prefix}.rec.parked")
+    assert props.headers["x-ctlpool-reason"] == "max-attempts"
+    assert "reconcile exceeded 1s" in props.headers["x-ctlpool-error"]
+    assert not read_records(str(rec_dir)), "the cancelled reconciles never finished"
+
+
+@pytest.mark.timeout(120)
+def test_sighup_rolls_workers_one_at_a_time_without_loss(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a loaded pool
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        before = set(pool.worker_pids())
+        with Load(amqp_url, prefix, rate=500) as load:
+            time.sleep(1)
+            # When it gets SIGHUP
+            pool.signal(signal.SIGHUP)
+            wait_until(lambda: not (set(pool.worker_pids()) & before) and len(pool.worker_pids()) == 2, 60,
+                       what="both workers replaced")
+            time.sleep(1)
+        wait_until(lambda: backlog(amqp_url, prefix) == 0, 60, what="drained")
+    finally:
+        assert pool.stop() == 0
+    # Then the workers were replaced one after the other, nothing lost, nothing overlapped
+    msgs = [e["msg"] for e in pool.logs()]
+    assert any("rolling restart" in m for m in msgs)
+    assert not any("died" in m for m in msgs), "a rolled worker is not a crash"
+    records = read_records(str(rec_dir))
+    assert overlaps(records) == []
+    assert_none_lost(records, load.per_key)
