@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from typing import Any, Callable
 
 import pika
@@ -21,7 +22,7 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from .codec import CONTENT_TYPE, H_SEQ
-from .errors import BrokerUnavailable, Nacked, PluginMissing, Unroutable
+from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, Unroutable
 from .settings import redact_url
 
 log = logging.getLogger("ctlpool.amqp")
@@ -84,10 +85,43 @@ class Connection:
         return bool(self.raw.is_open)
 
 
-async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
-    """Open a connection; ``BrokerUnavailable`` says where and why when it fails."""
-    loop = asyncio.get_running_loop()
+_tls_context: ssl.SSLContext | None = None  # set once per process by use_tls(); forked workers inherit it
+
+
+def use_tls(ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
+    """Verify ``amqps://`` brokers with ``ca_file`` (default: the system CAs) and present ``cert_file``.
+
+    Called once by the CLI from the settings; every later ``connect`` in this process (and in
+    the workers it forks) uses it. Raises ``ConfigError`` when a file is not usable PEM.
+    """
+    global _tls_context
+    if key_file and not cert_file:
+        raise ConfigError("--tls-key-file: needs --tls-cert-file (the certificate it belongs to)")
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--tls-ca-file: {ca_file} is not a usable PEM CA bundle: {exc}") from None
+    if cert_file:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"--tls-cert-file/--tls-key-file: not a usable PEM certificate and key: {exc}") from None
+    _tls_context = ctx
+
+
+def url_parameters(url: str) -> pika.URLParameters:
+    """pika parameters for ``url``; ``amqps://`` verifies the broker's certificate and host name."""
     params = pika.URLParameters(url)
+    if params.ssl_options is not None:
+        # pika's own default context has no server_hostname, so host-name checking cannot work
+        params.ssl_options = pika.SSLOptions(_tls_context or ssl.create_default_context(), server_hostname=params.host)
+    return params
+
+
+async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
+    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``)."""
+    loop = asyncio.get_running_loop()
+    params = url_parameters(url)
     params.heartbeat = heartbeat_s
     params.client_properties = {"connection_name": name}
     params.connection_attempts = 1

@@ -5,6 +5,7 @@
     ctlpool topology   declare and show a controller   (pool.topology)
     ctlpool status     members, owners, queue depths   (pool.status)
     ctlpool doctor     broker and plugin there?        (pool.doctor)
+    ctlpool parked     list/show/replay/purge parked   (pool.parked)
     ctlpool demo       the example controllers, live   (controllers.demo)
 
 Flags are generated from ``pool.settings.OPTIONS``; each also reads ``CTLPOOL_<NAME>``
@@ -24,14 +25,17 @@ from typing import Any, NoReturn, Sequence
 import orjson
 
 from .errors import BrokerUnavailable, ConfigError, CtlpoolError, PluginMissing, PublishError, TopologyMismatch
+from .notify import Notifier
 from .settings import OPTIONS, PoolSettings, load_toml, resolve
 from .supervisor import EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_UNAVAILABLE
 
 log = logging.getLogger("ctlpool.cli")
 
-BROKER_OPTS = frozenset({"amqp-url", "amqp-url-file", "prefix", "heartbeat-s", "log-format", "log-level"})
+BROKER_OPTS = frozenset({"amqp-url", "amqp-url-file", "tls-ca-file", "tls-cert-file", "tls-key-file", "prefix",
+                         "heartbeat-s", "log-format", "log-level"})
 TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s"}
 RUN_OPTS = frozenset(o.name for o in OPTIONS)
+PARKED_ACTIONS = ("list", "show", "replay", "purge")
 START_BROKER_HINT = "start it with: rabbitmq-server -detached  (or: systemctl start rabbitmq-server)"
 
 
@@ -87,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--fix", action="store_true", help="start a local broker that is installed but stopped; enable the plugin")
     _add_options(doc, BROKER_OPTS)
 
+    park = sub.add_parser("parked", help="list, show, replay or purge a controller's parked events",
+                          description="Replay republishes through the controller's exchange with confirms and only "
+                                      "then removes the parked copy; purge asks first (--yes to skip).")
+    park.add_argument("action", choices=PARKED_ACTIONS, help="what to do with the selected parked events")
+    park.add_argument("controller")
+    park.add_argument("--key", metavar="K", help="only events of this item key")
+    park.add_argument("--reason", metavar="R",
+                      help="only events parked for this reason (max-attempts, permanent, undecodable, invalid, "
+                           "too-many-deliveries, broker:delivery_limit)")
+    park.add_argument("--limit", type=_positive, metavar="N", help="act on the first N selected events only")
+    park.add_argument("--yes", action="store_true", help="purge without asking")
+    park.add_argument("--json", action="store_true", help="print JSON")
+    _add_options(park, BROKER_OPTS)
+
     demo = sub.add_parser("demo", help="run the example controllers and watch deployments converge")
     demo.add_argument("--deployments", type=int, default=20, metavar="N", help="deployments to create (default 20)")
     demo.add_argument("--replicas", type=int, default=3, metavar="N", help="replicas each (default 3)")
@@ -98,10 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def settings_from(args: argparse.Namespace, names: frozenset[str]) -> PoolSettings:
     file_values = load_toml(args.config) if getattr(args, "config", None) else {}
     flags = {name: getattr(args, name, None) for name in names}
-    return resolve(flags, file_values=file_values, only=names)
+    settings = resolve(flags, file_values=file_values, only=names)
+    _use_tls(settings)
+    return settings
+
+
+def _use_tls(settings: PoolSettings) -> None:
+    """Apply the TLS files to every connection this process (and its workers) opens."""
+    from urllib.parse import urlsplit
+
+    from .amqp import use_tls
+
+    b = settings.broker
+    files = (b.tls_ca_file, b.tls_cert_file, b.tls_key_file)
+    if not any(files):
+        return
+    if urlsplit(b.amqp_url).scheme != "amqps":
+        raise ConfigError("--tls-ca-file/--tls-cert-file/--tls-key-file: need an amqps:// broker URL")
+    use_tls(*files)
 
 
 def _fail(code: int, message: str) -> int:
@@ -121,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_topology(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "parked":
+            return cmd_parked(args)
         if args.command == "doctor":
             from .doctor import doctor
 
@@ -158,12 +205,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = [load_controller(ref).name for ref in settings.controllers]
     if len(set(names)) != len(names):
         raise ConfigError(f"--controllers: two controllers share a name: {names}")
-    wait_for_topology(settings, names)
-    return Supervisor(settings).run()
+    notifier = Notifier.from_env()
+    wait_for_topology(settings, names, notifier)
+    return Supervisor(settings, notifier=notifier).run()
 
 
-def wait_for_topology(settings: PoolSettings, names: list[str]) -> None:
+def wait_for_topology(settings: PoolSettings, names: list[str], notifier: Notifier | None = None) -> None:
     """Declare topology, retrying while the broker is unreachable (a service may start before it)."""
+    import time
+
     from . import topology
 
     delay = 1.0
@@ -173,8 +223,8 @@ def wait_for_topology(settings: PoolSettings, names: list[str]) -> None:
             return
         except BrokerUnavailable as exc:
             log.warning("%s; retrying in %.0fs (%s)", exc, delay, START_BROKER_HINT)
-            import time
-
+            if notifier is not None:
+                notifier.status(f"waiting for the broker: {exc}")
             time.sleep(delay)
             delay = min(delay * 2, settings.broker.reconnect_max_s)
 
@@ -290,6 +340,83 @@ def cmd_topology(args: argparse.Namespace) -> int:
         for q in c["queues"]:
             print(f"  {q['name']:<40} ready={q['ready']:<8} consumers={q['consumers']}")
     return 0
+
+
+def cmd_parked(args: argparse.Namespace) -> int:
+    from . import parked
+    from .amqp import connect
+
+    settings = settings_from(args, BROKER_OPTS)
+    b = settings.broker
+    selection = parked.Selection(key=args.key, reason=args.reason, limit=args.limit)
+    if args.action == "purge" and not args.yes and not sys.stdin.isatty():
+        return _fail(EXIT_CONFIG, "parked purge: no terminal to confirm on; add --yes to purge without asking")
+
+    async def confirm(items: list[parked.Parked]) -> bool:
+        question = (f"purge {len(items)} parked event(s) of {args.controller} ({selection.describe()}) "
+                    f"from {b.prefix}.{args.controller}.parked? [y/N] ")
+        answer = await asyncio.get_running_loop().run_in_executor(None, _ask, question)
+        return answer.strip().lower() in ("y", "yes")
+
+    async def go() -> parked.Outcome:
+        conn = await connect(b.amqp_url, name=f"ctlpool-parked {args.action}", heartbeat_s=b.heartbeat_s)
+        try:
+            return await parked.run(conn, b.prefix, args.controller, args.action, selection,
+                                    confirm=None if args.yes else confirm)
+        finally:
+            conn.close()
+
+    out = asyncio.run(go())
+    return _print_parked(args, out)
+
+
+def _ask(question: str) -> str:
+    try:
+        return input(question)
+    except EOFError:
+        return ""
+
+
+def _print_parked(args: argparse.Namespace, out: Any) -> int:
+    from .parked import iso_time
+
+    failed = out.failed or []
+    if args.json:
+        if args.action in ("list", "show"):
+            print(orjson.dumps([p.as_dict(body=args.action == "show") for p in out.matched],
+                               option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(orjson.dumps({"queue": out.queue, "matched": len(out.matched), args.action + "d": out.done,
+                                "declined": out.declined,
+                                "failed": [{"position": p.position, "key": p.key, "error": e} for p, e in failed]},
+                               option=orjson.OPT_INDENT_2).decode())
+    elif args.action == "list":
+        print(f"{out.queue}: {out.ready} parked, {len(out.matched)} selected")
+        if out.matched:
+            print(f"{'#':>5}  {'KEY':<24} {'REASON':<20} {'ATTEMPT':>7}  {'PARKED (UTC)':<24} {'SIZE':>7}  ERROR")
+        for p in out.matched:
+            print(f"{p.position:>5}  {str(p.key):<24} {p.reason:<20} {p.attempt:>7}  {iso_time(p.parked_at) or '-':<24} "
+                  f"{p.size:>7}  {p.error.splitlines()[0][:100] if p.error else ''}")
+    elif args.action == "show":
+        for p in out.matched:
+            print(f"#{p.position} key={p.key} reason={p.reason} attempt={p.attempt} "
+                  f"parked={iso_time(p.parked_at) or '-'} from={p.parked_from or '-'} size={p.size}")
+            print(f"  error: {p.error}")
+            d = p.as_dict(body=True)
+            print(f"  headers: {orjson.dumps(d['headers']).decode()}")
+            print(f"  body: {d['body'] if 'body' in d else 'hex:' + d['body_hex']}")
+        if not out.matched:
+            print(f"{out.queue}: nothing selected ({out.ready} parked)")
+    elif out.declined:
+        print("purge: nothing removed")
+    elif args.action == "replay":
+        print(f"replayed {out.done} of {len(out.matched)} selected parked event(s) through "
+              f"{out.queue.rsplit('.', 1)[0]}")
+        for p, err in failed:
+            print(f"  not replayed: #{p.position} key={p.key}: {err}", file=sys.stderr)
+    else:
+        print(f"purged {out.done} parked event(s) from {out.queue}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pika
 import pika.exceptions
 
+from .amqp import url_parameters
 from .errors import PluginMissing
 from .settings import redact_url
 
@@ -30,7 +31,7 @@ START_WAIT_S = 90.0  # a cold RabbitMQ boot on a small VM takes 5-30 s
 
 
 def _reachable(url: str) -> bool:
-    params = pika.URLParameters(url)
+    params = url_parameters(url)
     params.connection_attempts = 1
     params.socket_timeout = 3
     try:
@@ -41,7 +42,7 @@ def _reachable(url: str) -> bool:
 
 
 def _plugin_enabled(url: str) -> bool:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(url_parameters(url))
     name = f"ctlpool.probe.{uuid.uuid4().hex[:8]}"
     try:
         ch = conn.channel()

@@ -34,6 +34,12 @@ class BrokerSettings:
     """AMQP heartbeat; a dead broker or peer is noticed within ~2x this."""
     reconnect_max_s: float = 30.0
     """Cap on the reconnect backoff (starts at 0.5 s, doubles, ±20% jitter)."""
+    tls_ca_file: str | None = None
+    """PEM file of the CA(s) that signed the broker's certificate (``amqps://``); default: the system's CAs."""
+    tls_cert_file: str | None = None
+    """PEM client certificate for ``amqps://`` (may hold the key too); for brokers that require one."""
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file`` when it is a separate file."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,10 @@ class TopologySettings:
     """``quorum`` (replicated, single-active-consumer lock) or ``classic`` (exclusive consumer)."""
     tiers_s: tuple[int, ...] = DEFAULT_TIERS_S
     """TTLs of the delay-tier queues serving retries and ``requeue_after``."""
-    max_deliveries: int = 5
-    """A message delivered this many times without being acked (it kills its worker) is parked."""
+    max_deliveries: int = 3
+    """A message delivered this many times without being acked (it kills its worker) is parked.
+    3 stays under the supervisor's crash-loop limit (5 deaths in 60 s), so a poison message is
+    parked before the supervisor gives up; unacked siblings of each crash are counted too."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ class PoolSettings:
     log_format: str = "json"
     """``json`` (one object a line, for journald) or ``text``."""
     log_level: str = "info"
+    metrics_port: int = 0
+    """Port of the supervisor's ``/metrics``, ``/livez``, ``/readyz``; 0 = no endpoint (9464 is the usual one)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on; ``0.0.0.0`` to let a remote Prometheus scrape it."""
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -196,6 +208,36 @@ def _tiers(v: Any) -> tuple[int, ...]:
     return tiers
 
 
+def _port(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected a port number, 0 for none")
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a port number, 0 for none") from None
+    if not 0 <= n <= 65535 or (isinstance(v, float) and v != n):
+        raise ValueError("expected a port number 0-65535, 0 for none")
+    return n
+
+
+def _host(v: Any) -> str:
+    s = str(v).strip()
+    if not s or any(c in s for c in " /\t\n"):
+        raise ValueError("expected an IP address or host name to listen on")
+    return s
+
+
+def _readable_file(v: Any) -> str:
+    path = str(v).strip()
+    if not path:
+        raise ValueError("expected a file path")
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+
+
 def _read_url_file(v: Any) -> str:
     path = str(v)
     try:
@@ -225,14 +267,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("weight", None, "weight", _positive_float, "relative share of partitions per worker (default 1)", "W"),
     Option("log-format", None, "log_format", _choice("json", "text"), "json (default) or text", "FMT"),
     Option("log-level", None, "log_level", _choice("debug", "info", "warning", "error"), "debug|info|warning|error", "LEVEL"),
+    Option("metrics-port", None, "metrics_port", _port, "serve /metrics, /livez, /readyz on this port (default 0: off; 9464 is usual)", "PORT"),
+    Option("metrics-host", None, "metrics_host", _host, "address of the metrics endpoint (default 127.0.0.1)", "ADDR"),
     Option("amqp-url", "broker", "amqp_url", _url, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
     Option("amqp-url-file", "broker", "amqp_url", _read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
     Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
+    Option("tls-ca-file", "broker", "tls_ca_file", _readable_file, "amqps://: CA bundle (PEM) to verify the broker with (default: system CAs)", "FILE"),
+    Option("tls-cert-file", "broker", "tls_cert_file", _readable_file, "amqps://: client certificate (PEM) for brokers that require one", "FILE"),
+    Option("tls-key-file", "broker", "tls_key_file", _readable_file, "amqps://: private key (PEM) of --tls-cert-file, if a separate file", "FILE"),
     Option("heartbeat-s", "broker", "heartbeat_s", _positive_int, "AMQP heartbeat seconds (default 20)", "S"),
     Option("partitions", "topology", "partitions", _positive_int, "partition queues per controller (default 64)", "P"),
     Option("queue-type", "topology", "queue_type", _choice("quorum", "classic"), "quorum (default) or classic", "TYPE"),
     Option("tiers-s", "topology", "tiers_s", _tiers, "delay tier TTLs in seconds (default 1,4,16,64,256,1024)", "LIST"),
-    Option("max-deliveries", "topology", "max_deliveries", _positive_int, "park a message after this many unacked deliveries (default 5)", "N"),
+    Option("max-deliveries", "topology", "max_deliveries", _positive_int, "park a message after this many unacked deliveries (default 3)", "N"),
     Option("prefetch", "worker", "prefetch", _positive_int, "unacked deliveries per partition consumer (default 50)", "N"),
     Option("concurrency", "worker", "concurrency", _positive_int, "reconciles in flight per worker (default 64)", "N"),
     Option("reconcile-timeout-s", "worker", "reconcile_timeout_s", _positive_float, "per-reconcile timeout (default 300)", "S"),

@@ -13,7 +13,17 @@ and a self-pipe woken by signals:
 - SIGHUP: rolling restart, one slot at a time, each new worker ready before the next.
 
 Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
-supervisor decides), drain on SIGTERM however often it comes, and report states ("ready", "reconnecting", "draining") on a pipe.
+supervisor decides), drain on SIGTERM however often it comes, and report on a pipe:
+states ("ready", "reconnecting", "draining") as ASCII words, and every
+``metrics.REPORT_INTERVAL_S`` a metrics snapshot (``METRICS_TAG`` + bytes), which doubles as
+a heartbeat of the worker's event loop.
+
+Around the loop: systemd hears READY / WATCHDOG / STATUS / RELOADING / STOPPING
+(``pool.notify``); ``--metrics-port`` serves the workers' summed metrics with /livez and
+/readyz from a thread (``pool.metrics``) that reads only what the loop last published.
+The watchdog is fed while every worker's event loop is heard from (a hung worker stops it),
+not only while all are ready: a broker outage or a rolling restart must not get the
+service killed by systemd, since restarting fixes neither.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import ConfigError
+from .metrics import METRICS_TAG, Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
+from .notify import Notifier, forget_env
 from .settings import PoolSettings
 
 log = logging.getLogger("ctlpool.supervisor")
@@ -45,10 +58,25 @@ CRASH_LOOP_WINDOW_S = 60.0  # ...within this window mean it won't get better by 
 RESTART_FIRST_S = 0.5  # first restart delay; doubles per recent death
 RESTART_MAX_S = 30.0
 KILL_GRACE_S = 5.0  # after the drain timeout, how long we wait before SIGKILL
+LOOP_TICK_S = 1.0  # the loop wakes at least this often (restarts, drain deadline, status)
+WORKER_SILENT_S = 10.0  # a worker not heard from (state or metrics, ~1/s) this long is hung: starve the watchdog
+LIVEZ_STALE_S = 10.0  # /livez fails when the supervisor loop has not turned for this long
 
 
 def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
+
+
+def preload_worker_code() -> None:
+    """Import now what a worker imports after the fork.
+
+    Workers are forked, so they run the code this process has loaded. Loading all of it up
+    front means a worker restarted after a package upgrade on disk runs the same version as
+    the rest of the process, never a mix: SIGHUP recycles workers; upgrading is a restart.
+    """
+    import uvloop  # noqa: F401
+
+    from . import worker, workqueue  # noqa: F401
 
 
 def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any) -> None:
@@ -63,26 +91,38 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    forget_env()  # only the supervisor speaks to systemd (NotifyAccess=main)
     configure(settings.log_format, settings.log_level)
     if cpu is not None:
         import psutil
 
         psutil.Process().cpu_affinity([cpu])
 
-    def report(state: str) -> None:
+    def send(message: bytes) -> None:
         try:
-            status.send_bytes(state.encode())
+            status.send_bytes(message)
         except OSError:
-            pass
+            pass  # the supervisor is gone; SIGTERM or the orphan's own exit follows
 
+    def report(state: str) -> None:
+        send(state.encode())
+
+    metrics = WorkerMetrics()
     worker = Worker(settings=settings, controllers=[load_controller(r) for r in settings.controllers],
-                    index=index, on_state=report)
+                    index=index, on_state=report, metrics=metrics)
+
+    reporter = MetricsReporter(metrics, send, worker=index)
 
     async def main() -> None:
         # SIGTERM always means "drain" here, however often it comes (a group-wide kill and
         # the supervisor's forward may both arrive); the supervisor escalates with SIGKILL.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.request_stop)
-        await worker.run()
+        reporting = asyncio.ensure_future(reporter.run())
+        try:
+            await worker.run()
+        finally:
+            reporting.cancel()
+        reporter.send_now()  # the final counts, so totals survive this process
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
@@ -95,6 +135,7 @@ class _Slot:
     proc: Any = None
     status: Any = None
     ready: bool = False
+    heard: float = 0.0  # clock() of its last message (state or metrics) or of its start
     deaths: list[float] = field(default_factory=list)
     restart_at: float | None = None
     retiring: bool = False  # being replaced by a rolling restart: its exit is not a crash
@@ -110,11 +151,14 @@ class Supervisor:
         target: Callable[..., None] = worker_main,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, "Supervisor"], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.target = target
         self.clock = clock
         self.on_event = on_event or (lambda event, sup: None)
+        self.notifier = notifier if notifier is not None else Notifier.from_env()
+        self.metrics = Aggregate()
         cpus = usable_cpus()
         self.slots = [_Slot(i, cpus[i % len(cpus)] if settings.pin else None) for i in range(settings.workers)]
         self.restarts = 0
@@ -122,6 +166,13 @@ class Supervisor:
         self._signals: list[int] = []
         self._rolling: list[int] = []
         self._stopping_since: float | None = None
+        self._reloading = False  # RELOADING=1 sent; READY=1 again once the rolling restart is done
+        self._ready_sent = False
+        self._last_ping: float | None = None
+        # what the loop last saw, for the metrics thread (plain attribute writes: no lock needed)
+        self._tick = time.monotonic()
+        self._shown = ""
+        self._alive = 0
 
     # ------------------------------------------------------------------ processes
 
@@ -133,6 +184,7 @@ class Supervisor:
         send.close()
         slot.status = recv
         slot.ready = False
+        slot.heard = self.clock()
         slot.restart_at = None
         log.info("started worker %d (pid %d%s)", slot.index, slot.proc.pid,
                  f", cpu {slot.cpu}" if slot.cpu is not None else "", extra={"worker": slot.index})
@@ -152,8 +204,57 @@ class Supervisor:
     def summary(self) -> str:
         alive = sum(1 for s in self.slots if s.proc is not None and s.proc.is_alive())
         ready = sum(1 for s in self.slots if s.ready)
-        state = "draining" if self._stopping_since is not None else "running"
+        state = "draining" if self._stopping_since is not None else "reloading" if self._reloading else "running"
         return f"{state}: {ready}/{len(self.slots)} workers ready, {alive} alive, {self.restarts} restarts"
+
+    def _show(self) -> str:
+        """The summary, remembered as the STATUS= systemd has now."""
+        self._shown = self.summary()
+        return self._shown
+
+    def healthy(self, now: float) -> bool:
+        """Every worker's event loop was heard from lately (a slot waiting to restart counts as handled)."""
+        return all(s.proc is None or now - s.heard <= WORKER_SILENT_S for s in self.slots)
+
+    def _event(self, event: str) -> None:
+        """Tell systemd, then the ``on_event`` hook."""
+        n = self.notifier
+        if event == "ready" and not self._ready_sent:
+            self._ready_sent = True
+            n.ready(self._show())
+        elif event == "reloading":
+            n.reloading(self._show())
+        elif event == "stopping":
+            n.stopping(self._show())
+        elif event == "crash-loop":
+            n.status("crash loop: a worker kept dying; exiting " + str(EXIT_CRASH_LOOP))
+        self.on_event(event, self)
+
+    # ------------------------------------------------------------------ metrics endpoint
+
+    def _render_metrics(self) -> str:
+        ready = sum(1 for s in self.slots if s.ready)
+        return self.metrics.render([
+            ("ctlpool_worker_restarts_total", (), self.restarts),
+            ("ctlpool_workers", ("configured",), len(self.slots)),
+            ("ctlpool_workers", ("alive",), self._alive),
+            ("ctlpool_workers", ("ready",), ready),
+        ])
+
+    def _start_metrics_server(self) -> MetricsServer | None:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        if not port:
+            return None
+        server = MetricsServer(
+            host, port, metrics=self._render_metrics,
+            live=lambda: time.monotonic() - self._tick < LIVEZ_STALE_S,
+            ready=lambda: (self.ready and self._stopping_since is None, self._shown))
+        try:
+            server.start()
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror}") from None
+        log.info("metrics on http://%s:%d/metrics (/livez, /readyz)", host, server.port)
+        return server
 
     # ------------------------------------------------------------------ main loop
 
@@ -164,11 +265,16 @@ class Supervisor:
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        server: MetricsServer | None = None
         try:
+            preload_worker_code()
+            server = self._start_metrics_server()
             for slot in self.slots:
                 self._start(slot)
             return self._loop(wake_r)
         finally:
+            if server is not None:
+                server.close()
             for sig, h in old.items():
                 signal.signal(sig, h)
             signal.set_wakeup_fd(old_fd)
@@ -177,12 +283,16 @@ class Supervisor:
             for s in self.slots:
                 if s.status is not None:
                     s.status.close()
+            self.notifier.close()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
 
     def _loop(self, wake: socket.socket) -> int:
         drain_s = self.settings.worker.drain_timeout_s
+        watchdog_s = self.notifier.watchdog_s
+        # ping at half the watchdog timeout (sd_watchdog_enabled(3)); wake often enough to do so
+        tick_s = min(LOOP_TICK_S, watchdog_s / 4) if watchdog_s else LOOP_TICK_S
         while True:
             waitables: list[Any] = [wake]
             for s in self.slots:
@@ -190,8 +300,7 @@ class Supervisor:
                     waitables.append(s.proc.sentinel)
                     if s.status is not None:
                         waitables.append(s.status)
-            timeout = 1.0
-            multiprocessing.connection.wait(waitables, timeout)
+            multiprocessing.connection.wait(waitables, tick_s)
             try:
                 while wake.recv(64):
                     pass
@@ -202,14 +311,15 @@ class Supervisor:
             code = self._handle_signals(now)
             if code is not None:
                 return code
-            self._read_status()
+            self._read_status(now)
             code = self._reap(now)
             if code is not None:
                 return code
+            self._publish_state(now)
             if self._stopping_since is not None:
                 if all(s.proc is None for s in self.slots):
                     log.info("all workers drained; exiting")
-                    self.on_event("stopped", self)
+                    self._event("stopped")
                     return EXIT_OK
                 if now - self._stopping_since > drain_s + KILL_GRACE_S:
                     log.error("workers still alive %.0fs after SIGTERM; killing them", drain_s + KILL_GRACE_S)
@@ -220,6 +330,21 @@ class Supervisor:
                     self._start(s)
             self._advance_rolling()
 
+    def _publish_state(self, now: float) -> None:
+        """Once per loop turn: STATUS= when the summary changed, WATCHDOG=1 when due and healthy."""
+        self._tick = time.monotonic()
+        self._alive = sum(1 for s in self.slots if s.proc is not None and s.proc.is_alive())
+        summary = self.summary()
+        if summary != self._shown:
+            self._shown = summary
+            self.notifier.status(summary)
+        watchdog_s = self.notifier.watchdog_s
+        if watchdog_s and (self._last_ping is None or now - self._last_ping >= watchdog_s / 2):
+            # while draining, TimeoutStopSec= is the limit: keep the watchdog quiet about it
+            if self._stopping_since is not None or self.healthy(now):
+                self._last_ping = now
+                self.notifier.watchdog()
+
     def _handle_signals(self, now: float) -> int | None:
         while self._signals:
             sig = self._signals.pop(0)
@@ -227,13 +352,15 @@ class Supervisor:
                 if self._stopping_since is None and not self._rolling:
                     log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
                     self._rolling = [s.index for s in self.slots]
-                    self.on_event("reloading", self)
+                    self._reloading = True
+                    self._event("reloading")
                 continue
             if self._stopping_since is None:
                 log.info("%s: draining workers (again to stop at once)", signal.Signals(sig).name)
                 self._stopping_since = now
                 self._rolling = []
-                self.on_event("stopping", self)
+                self._reloading = False
+                self._event("stopping")
                 self._signal_all(signal.SIGTERM)
             else:
                 log.warning("%s again: killing workers without draining", signal.Signals(sig).name)
@@ -244,23 +371,30 @@ class Supervisor:
                 return EXIT_INTERRUPTED
         return None
 
-    def _read_status(self) -> None:
+    def _read_status(self, now: float) -> None:
         for s in self.slots:
-            if s.status is None:
-                continue
-            try:
-                while s.status.poll():
-                    state = s.status.recv_bytes().decode()
-                    was = self.ready
-                    s.ready = state == "ready"
-                    if self.ready and not was:
-                        log.info("all %d workers ready", len(self.slots))
-                        self.on_event("ready", self)
-                    elif was and not self.ready:
-                        self.on_event("degraded", self)
-            except (EOFError, OSError):
-                s.status.close()
-                s.status = None
+            self._read_slot(s, now)
+
+    def _read_slot(self, s: _Slot, now: float) -> None:
+        if s.status is None:
+            return
+        try:
+            while s.status.poll():
+                message = s.status.recv_bytes()
+                s.heard = now
+                if message.startswith(METRICS_TAG):
+                    self.metrics.update(s.index, message[len(METRICS_TAG):])
+                    continue
+                was = self.ready
+                s.ready = message == b"ready"
+                if self.ready and not was:
+                    log.info("all %d workers ready", len(self.slots))
+                    self._event("ready")
+                elif was and not self.ready:
+                    self._event("degraded")
+        except (EOFError, OSError):
+            s.status.close()
+            s.status = None
 
     def _reap(self, now: float) -> int | None:
         for s in self.slots:
@@ -268,11 +402,13 @@ class Supervisor:
                 continue
             s.proc.join()
             code = s.proc.exitcode
+            self._read_slot(s, now)  # its last words: the final metrics snapshot
             s.proc = None
             s.ready = False
             if s.status is not None:
                 s.status.close()
                 s.status = None
+            self.metrics.retire(s.index)
             if self._stopping_since is not None:
                 log.info("worker %d exited (%s)", s.index, code, extra={"worker": s.index})
                 continue
@@ -292,17 +428,21 @@ class Supervisor:
                         o.proc.join(self.settings.worker.drain_timeout_s + KILL_GRACE_S)
                         if o.proc.is_alive():
                             o.proc.kill()
-                self.on_event("crash-loop", self)
+                self._event("crash-loop")
                 return EXIT_CRASH_LOOP
             delay = min(RESTART_FIRST_S * 2 ** (len(s.deaths) - 1), RESTART_MAX_S)
             s.restart_at = now + delay
             log.warning("worker %d died (exit %s); restarting in %.1fs", s.index, code, delay,
                         extra={"worker": s.index})
-            self.on_event("degraded", self)
+            self._event("degraded")
         return None
 
     def _advance_rolling(self) -> None:
         """Rolling restart: retire the first slot in line once every worker is ready."""
+        if self._reloading and not self._rolling and self.ready and not any(s.retiring for s in self.slots):
+            self._reloading = False
+            log.info("rolling restart done")
+            self.notifier.ready(self._show())
         if not self._rolling or not self.ready:
             return
         idx = self._rolling.pop(0)

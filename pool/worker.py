@@ -42,6 +42,7 @@ from .membership import MemberTable
 from .codec import DecodeFailed
 from .controller import Context, Controller, Result, is_async
 from .errors import BrokerError, Permanent
+from .metrics import WorkerMetrics
 from .retries import next_hop
 from .settings import PoolSettings, redact_url
 from .topology import NOT_FOUND, Names, members_exchange
@@ -95,7 +96,8 @@ class Partition:
 class Delivery:
     """A decoded delivery waiting in, or covered by, a reconcile."""
 
-    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "content_type", "redeliveries")
+    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "content_type", "redeliveries",
+                 "queued_at")
 
     def __init__(self, part: Partition, ch: Channel, tag: int, key: str, event: Any, headers: dict[str, Any] | None,
                  attempt: int, body: bytes, content_type: str | None, redeliveries: int) -> None:
@@ -140,6 +142,7 @@ class Worker:
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         on_state: Callable[[str], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         from .workqueue import WorkQueue
 
@@ -152,6 +155,8 @@ class Worker:
         self.on_state = on_state or (lambda state: None)
         self.ctls = [_Ctl(i, c, settings.broker.prefix) for i, c in enumerate(controllers)]
         self.stats = WorkerStats()
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.metrics.sampler = self._sample_metrics
         self._wq: WorkQueue[tuple[int, str], Delivery] = WorkQueue()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -379,6 +384,7 @@ class Worker:
                 await ch.consume(part.queue, lambda c, m, pr, b, part=part, ch=ch: self._on_message(part, ch, m, pr, b),
                                  exclusive=not self._quorum)
                 self.stats.acquisitions += 1
+                self.metrics.handover(ctl.name, "acquired")
                 if self._guard:
                     await self._measure_guard(part, ch)
                 return
@@ -408,6 +414,7 @@ class Worker:
             await ch.close()
         self._parts.pop((part.ctl.index, part.index), None)
         self.stats.releases += 1
+        self.metrics.handover(part.ctl.name, "released")
 
     # ---------------------------------------------------------------- deliveries (hot path)
 
@@ -450,7 +457,9 @@ class Worker:
         key = method.routing_key
         d = Delivery(part, ch, method.delivery_tag, key, event, headers, attempt, body, props.content_type,
                      redeliveries)
+        d.queued_at = self.clock()
         self._wq.add((ctl.index, key), d)
+        self.metrics.added(ctl.name)
         if self._inflight < self._concurrency:
             self._pump()
 
@@ -494,6 +503,7 @@ class Worker:
     def _count_reroute(self, part: Partition) -> None:
         part.rerouted += 1
         self.stats.rerouted += 1
+        self.metrics.rerouted(part.ctl.name)
         if part.guard_left == 0 and part.rerouted:
             log.info("%s: ring-drift guard re-routed %d events in %.0f ms", part.queue, part.rerouted,
                      (self.clock() - part.acquired_at) * 1000,
@@ -515,8 +525,8 @@ class Worker:
                  headers: dict[str, Any], routing_key: str | None = None) -> asyncio.Future[None]:
         """Republish a delivery fresh to ``exchange``; ack it once confirmed (left unacked on failure)."""
         assert self._pub is not None
-        fut = self._pub.publish(exchange, routing_key if routing_key is not None else method.routing_key, body,
-                                headers, pika.BasicProperties(content_type=props.content_type))
+        fut = self._timed(self._pub.publish(exchange, routing_key if routing_key is not None else method.routing_key,
+                                            body, headers, pika.BasicProperties(content_type=props.content_type)))
         tag = method.delivery_tag
         fut.add_done_callback(lambda f: self._ack_if_confirmed(f, part, ch, tag))
         return fut
@@ -536,7 +546,7 @@ class Worker:
                   reason: str, error: str) -> asyncio.Future[None]:
         headers = codec.clean_headers(props.headers)
         headers.update(self._park_headers(part, method.routing_key, reason, error))
-        self._count_park(reason)
+        self._count_park(part.ctl.name, reason)
         log.warning("parking event: %s: %s", reason, error[:200],
                     extra={"worker": self.index, "controller": part.ctl.name, "key": method.routing_key})
         return self._forward(part, ch, method, props, body, "", headers, routing_key=part.ctl.names.parked)
@@ -545,8 +555,32 @@ class Worker:
         return {codec.H_KEY: key, codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
                 codec.H_PARKED_FROM: part.queue, codec.H_PARKED_MS: int(self.wall() * 1000)}
 
-    def _count_park(self, reason: str) -> None:
+    def _count_park(self, controller: str, reason: str) -> None:
         self.stats.parked[reason] = self.stats.parked.get(reason, 0) + 1
+        self.metrics.parked(controller, reason)
+
+    def _timed(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Observe how long the broker takes to confirm this publish."""
+        sent = self.clock()
+
+        def confirmed(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.metrics.confirmed(self.clock() - sent)
+        fut.add_done_callback(confirmed)
+        return fut
+
+    def _sample_metrics(self, m: WorkerMetrics) -> None:
+        """Gauges, read when a metrics snapshot is taken: keys waiting and partitions held, per controller."""
+        depth = [0] * len(self.ctls)
+        for ci, _key in self._wq.ready_keys():
+            depth[ci] += 1
+        owned = [0] * len(self.ctls)
+        for part in self._parts.values():
+            if part.ch is not None and not part.releasing:
+                owned[part.ctl.index] += 1
+        for c in self.ctls:
+            m.depth(c.name, depth[c.index])
+            m.owned(c.name, owned[c.index])
 
     def _reroute_delivery(self, d: Delivery) -> asyncio.Future[None]:
         headers = codec.clean_headers(d.headers)
@@ -566,6 +600,7 @@ class Worker:
                 return
             (ci, key), items = got
             self._inflight += 1
+            self.metrics.started(self.ctls[ci].name, self.clock() - items[0].queued_at, len(items) - 1)
             for d in items:
                 part = d.part
                 part.dispatched += 1
@@ -580,6 +615,9 @@ class Worker:
         ctx = Context(self, ctl.name, key, attempt, len(items) - 1, last.part.index)
         self.stats.reconciles += 1
         thread_fut: asyncio.Future[Any] | None = None
+        started = self.clock()
+        ran_s = 0.0  # the reconcile call and the confirms of what it published
+        outcome: str | None = None  # a controller-runtime result, once settled
         try:
             try:
                 async with asyncio.timeout(self._timeout_s):
@@ -592,18 +630,25 @@ class Worker:
                     if ctx._confirms:
                         await self._wait_confirms(ctx)
             except Permanent as exc:
+                ran_s = self.clock() - started
                 await self._settle_park(ctl, items, codec.PARK_PERMANENT, str(exc) or "Permanent")
+                outcome = "error"
             except (asyncio.CancelledError, ChannelGone):
                 raise
             except Exception as exc:  # any other error: retry with backoff (or park when exhausted)
+                ran_s = self.clock() - started
                 await self._settle_failure(ctl, key, items, attempt, exc)
+                outcome = "error"
             else:
+                ran_s = self.clock() - started
                 if isinstance(result, Result) and result.requeue_after is not None:
                     self.stats.requeued += 1
                     await self._settle_delay(ctl, key, items, result.requeue_after, 0)
+                    outcome = "requeue_after"
                 else:
                     self.stats.succeeded += 1
                     self._ack_all(items)
+                    outcome = "success"
         except (asyncio.CancelledError, ChannelGone):
             pass  # connection lost or shutting down: deliveries go back to the broker unacked
         except Exception:  # a park/retry publish was refused: leave unacked, the broker keeps the event
@@ -612,6 +657,8 @@ class Worker:
             if thread_fut is not None and not thread_fut.done():
                 # a plain-def reconcile cannot be interrupted: keep its key busy until it returns
                 await asyncio.wait({thread_fut})
+            if outcome is not None:
+                self.metrics.reconciled(ctl.name, outcome, ran_s, self.clock() - started)
             self._finish(ctl, key, items)
 
     def _finish(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
@@ -640,7 +687,7 @@ class Worker:
     def _publish_then_ack(self, items: list[Delivery], exchange: str, key: str, body: bytes,
                           headers: dict[str, Any], content_type: str | None) -> asyncio.Future[None]:
         assert self._pub is not None
-        fut = self._pub.publish(exchange, key, body, headers, pika.BasicProperties(content_type=content_type))
+        fut = self._timed(self._pub.publish(exchange, key, body, headers, pika.BasicProperties(content_type=content_type)))
 
         def done(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -675,6 +722,7 @@ class Worker:
         if policy.exhausted(failures):
             await self._settle_park(ctl, items, codec.PARK_MAX_ATTEMPTS, f"after {failures} attempts: {err}")
             return
+        self.metrics.retried(ctl.name)
         delay = policy.delay_s(failures, self.rand)
         log.warning("reconcile failed (attempt %d), retrying in %.1fs: %s", failures, delay, err[:300],
                     extra={"worker": self.index, "controller": ctl.name, "key": key, "attempt": failures})
@@ -684,7 +732,7 @@ class Worker:
         last = items[-1]
         headers = codec.clean_headers(last.headers)
         headers.update(self._park_headers(last.part, last.key, reason, error))
-        self._count_park(reason)
+        self._count_park(ctl.name, reason)
         log.warning("parking event: %s: %s", reason, error[:300],
                     extra={"worker": self.index, "controller": ctl.name, "key": last.key})
         # via the default exchange, so the routing key is the queue's name; the item key is a header
@@ -725,7 +773,7 @@ class Worker:
                 f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 f.set_exception(ChannelGone(0, "not connected"))
                 return f
-            return self._pub.publish(exchange, key, body, headers)
+            return self._timed(self._pub.publish(exchange, key, body, headers))
         return asyncio.ensure_future(self._emit_checked(exchange, key, body, headers))
 
     async def _emit_checked(self, exchange: str, key: str, body: bytes, headers: dict[str, Any]) -> None:
@@ -741,6 +789,6 @@ class Worker:
             await ch.close()
         self._known_exchanges.add(exchange)
         assert self._pub is not None
-        await self._pub.publish(exchange, key, body, headers)
+        await self._timed(self._pub.publish(exchange, key, body, headers))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -97,6 +97,10 @@ class WorkQueue(Generic[K, V]):
             self._held -= len(removed)
             self._ready = deque(k for k in self._ready if k in self._pending)
         return removed
+
+    def ready_keys(self) -> Iterator[K]:
+        """The keys waiting for a reconcile, oldest first (metrics read it; do not add or get meanwhile)."""
+        return iter(self._ready)
 
     def is_processing(self, key: K) -> bool:
         return key in self._processing
