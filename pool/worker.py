@@ -512,14 +512,18 @@ class Worker:
     def _hop(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes, delay_s: float) -> None:
         """The message still owes ``delay_s``: ride the next tier (or come back now if it's tiny)."""
         headers = self._carried_headers(props, method)
-        tier, left = next_hop(delay_s, self._tiers)
         self.stats.hops += 1
+        self._forward(part, ch, method, props, body, self._delay_via(part.ctl, delay_s, headers), headers)
+
+    def _delay_via(self, ctl: _Ctl, delay_s: float, headers: dict[str, Any]) -> str:
+        """The exchange that serves ``delay_s`` next (a tier, or the controller's own when it is
+        tiny), recording in ``headers`` the delay still owed after that hop."""
+        tier, left = next_hop(delay_s, self._tiers)
         if tier is None:
             headers.pop(codec.H_DELAY_MS, None)
-            self._forward(part, ch, method, props, body, part.ctl.exchange, headers)
-        else:
-            headers[codec.H_DELAY_MS] = int(left * 1000)
-            self._forward(part, ch, method, props, body, part.ctl.names.tier(tier), headers)
+            return ctl.exchange
+        headers[codec.H_DELAY_MS] = int(left * 1000)
+        return ctl.names.tier(tier)
 
     def _forward(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes, exchange: str,
                  headers: dict[str, Any], routing_key: str | None = None) -> asyncio.Future[None]:
@@ -704,13 +708,7 @@ class Worker:
         headers = codec.clean_headers(last.headers)
         headers.pop(codec.H_REDELIVERIES, None)
         headers[codec.H_ATTEMPT] = attempt
-        tier, left = next_hop(delay_s, self._tiers)
-        if tier is None:
-            headers.pop(codec.H_DELAY_MS, None)
-            exchange = ctl.exchange
-        else:
-            headers[codec.H_DELAY_MS] = int(left * 1000)
-            exchange = ctl.names.tier(tier)
+        exchange = self._delay_via(ctl, delay_s, headers)
         await self._publish_then_ack(items, exchange, key, last.body, headers, last.content_type)
 
     async def _settle_failure(self, ctl: _Ctl, key: str, items: list[Delivery], attempt: int, exc: Exception) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,9 +26,23 @@ def list_names(prefix: str) -> tuple[list[str], list[str]]:
     return names("queues"), names("exchanges")
 
 
+def _connect(url: str, tries: int = 3) -> pika.BlockingConnection:
+    """A blocking connection; a loaded 2-core machine can miss pika's 10 s handshake once."""
+    params = pika.URLParameters(url)
+    params.stack_timeout = 30
+    for attempt in range(tries):
+        try:
+            return pika.BlockingConnection(params)
+        except pika.exceptions.AMQPConnectionError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
 def delete_prefix(url: str, prefix: str) -> None:
     queues, exchanges = list_names(prefix)
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = _connect(url)
     try:
         ch = conn.channel()
         for q in queues:
@@ -39,7 +54,7 @@ def delete_prefix(url: str, prefix: str) -> None:
 
 
 def queue_depth(url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = _connect(url)
     try:
         return conn.channel().queue_declare(queue, passive=True).method.message_count
     finally:
@@ -48,7 +63,7 @@ def queue_depth(url: str, queue: str) -> int:
 
 def get_all(url: str, queue: str) -> list[tuple[Any, Any, bytes]]:
     """Take every ready message from ``queue`` (acked): (method, properties, body)."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = _connect(url)
     out = []
     try:
         ch = conn.channel()
