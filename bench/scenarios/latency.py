@@ -1,0 +1,74 @@
+"""``latency`` and ``hotkeys``: the pool alone, under a paced load or a skewed one.
+
+latency: ``--rate`` events/s (default 2,000) for ``--duration-s`` (default 20 s); each
+reconcile's latency is its end minus the publish time its event carried (one monotonic
+clock on the host), so it spans publisher, broker, partition queue, work queue and reconcile.
+A coalesced reconcile counts once, for its latest event.
+
+hotkeys: Zipf-distributed keys (``--skew``, default 1.1) and a controller that holds each
+key ``--sleep-ms`` (default 2 ms, ``asyncio.sleep``); events that arrive while their key is
+being reconciled collapse into one follow-up reconcile, and no key may ever be reconciled
+twice at once (overlaps).
+"""
+
+from __future__ import annotations
+
+from .. import plots
+from ..load import Load
+from ..measure import Phase, run_phase
+from ..report import Outcome
+from .common import PHASE_HEADER, Options, consumer, guarantees, phase_row
+
+RATE = 2000.0  # events/s: issue 4's latency bar is stated at this rate
+DURATION_S = 20.0
+HOTKEY_EVENTS = 200_000  # ~20 s here
+TOP_KEYS = 30  # keys shown in the hot-keys plot
+
+
+def _base(name: str, ph: Phase) -> dict[str, object]:
+    return {"scenario": name, **guarantees([ph]), "events_per_s": ph.events_per_s, "p50_ms": ph.p50_ms,
+            "p90_ms": ph.p90_ms, "p99_ms": ph.p99_ms, "max_ms": ph.max_ms, "max_rss_mb": ph.max_rss_mb,
+            "cpu_us_per_event": ph.cpu_us_per_event, "pool": ph.summary()}
+
+
+def latency(opts: Options) -> Outcome:
+    rate = opts.rate or RATE
+    duration = opts.duration_s or DURATION_S
+    load = Load(events=opts.events or int(rate * duration), publishers=opts.publishers, keys=opts.keys, rate=rate)
+    with consumer("pool", opts, name="latency-pool") as (c, t):
+        ph = run_phase(c, t, load, "latency pool")
+    results = {**_base("latency", ph), "rate": rate, "duration_s": duration}
+    out = Outcome(results, ["rate/s", "events", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "overlaps"],
+                  [[rate, ph.published, ph.p50_ms, ph.p90_ms, ph.p99_ms, ph.max_ms, ph.lost, ph.overlaps]])
+    out.notes += ph.errors
+    if opts.plots and plots.available() and ph.latencies_ms:
+        marks = {"p50": ph.p50_ms, "p90": ph.p90_ms, "p99": ph.p99_ms}
+        out.plots.append(plots.latency_histogram(opts.out, "latency_hist.png", ph.latencies_ms, marks,
+                                                 f"latency at {rate:,.0f} events/s, {opts.workers} workers"))
+        out.plots.append(plots.timelines(opts.out, "latency_timeline.png", "latency: completions/s",
+                                         {"pool": ph.timeline}))
+    return out
+
+
+def hotkeys(opts: Options) -> Outcome:
+    load = Load(events=opts.events or HOTKEY_EVENTS, publishers=opts.publishers, keys=opts.keys, skew=opts.skew)
+    with consumer("pool", opts, name="hotkeys-pool", controller="Sleepy") as (c, t):
+        ph = run_phase(c, t, load, "hotkeys pool")
+    saved = ph.published - ph.reconciles
+    base = _base("hotkeys", ph)
+    # a burst's latencies are mostly queueing behind the backlog, not the latency bar's figure
+    base["latency_under_load_ms"] = {k: base.pop(k) for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
+    results = {**base, "reconciles": ph.reconciles, "saved": saved,
+               "saved_pct": round(100 * saved / max(ph.published, 1), 1), "skew": opts.skew,
+               "sleep_ms": opts.sleep_ms, "keys": opts.keys}
+    top = sorted(ph.per_key, key=lambda k: -ph.per_key[k])[:TOP_KEYS]
+    results["top_keys"] = [{"key": f"k{k}", "events": ph.per_key[k], "reconciles": ph.reconciles_per_key.get(k, 0)}
+                           for k in top[:10]]
+    rows = [phase_row(ph, "pool")]
+    out = Outcome(results, PHASE_HEADER + ["reconciles", "saved"], [rows[0] + [ph.reconciles, saved]])
+    out.notes += ph.errors
+    if opts.plots and plots.available():
+        out.plots.append(plots.hot_keys(opts.out, "hotkeys.png", [ph.per_key[k] for k in top],
+                                        [ph.reconciles_per_key.get(k, 0) for k in top],
+                                        f"hot keys (Zipf s={opts.skew}, {opts.sleep_ms:g} ms per reconcile)"))
+    return out
