@@ -47,6 +47,14 @@ class Names:
         width = max(3, len(str(partitions - 1)))
         return f"{self.exchange}.p{p:0{width}d}"
 
+    def clean_marker(self, p: int, partitions: int) -> str:
+        """A transient exchange saying: this partition holds nothing routed by an earlier ring.
+
+        Transient (non-durable) exchanges vanish when the broker restarts, exactly when the
+        consistent-hash ring is rebuilt (DESIGN fact 1), so the marker lives as long as the
+        ring that every message in the partition was routed by."""
+        return f"{self.partition(p, partitions)}.clean"
+
     def tier(self, tier_s: float) -> str:
         """Both the fanout exchange and the TTL queue of a delay tier."""
         return f"{self.exchange}.delay.{tier_name(tier_s)}"
@@ -114,7 +122,8 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
     """Check then declare one controller's topology on an open connection."""
     names = Names(prefix, controller)
     p = topo.partitions
-    if await _exists(conn, "exchange", names.exchange):
+    fresh = not await _exists(conn, "exchange", names.exchange)
+    if not fresh:
         have_last = await _exists(conn, "queue", names.partition(p - 1, p))
         have_more = await _exists(conn, "queue", names.partition(p, p + 1))
         if not have_last or have_more:
@@ -138,6 +147,8 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
                     raise _mismatch(names, q, exc, topo) from None
                 raise
             await ch.rpc("queue_bind", queue=q, exchange=names.exchange, routing_key="1")
+            if fresh:  # brand-new queues hold nothing from an earlier ring
+                await declare_clean_marker(ch, names.clean_marker(i, p))
         for t in topo.tiers_s:
             name = names.tier(t)
             await ch.rpc("exchange_declare", exchange=name, exchange_type="fanout", durable=True)
@@ -158,6 +169,15 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
         await ch.rpc("exchange_declare", exchange=members_exchange(prefix), exchange_type="fanout", durable=True)
     finally:
         await ch.close()
+
+
+async def declare_clean_marker(ch: Any, name: str) -> None:
+    await ch.rpc("exchange_declare", exchange=name, exchange_type="fanout", durable=False, auto_delete=False)
+
+
+async def is_clean(conn: Connection, names: Names, p: int, partitions: int) -> bool:
+    """Whether partition ``p`` has been cleared of earlier-ring messages since the broker started."""
+    return await _exists(conn, "exchange", names.clean_marker(p, partitions))
 
 
 async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> None:

@@ -45,7 +45,7 @@ from .errors import BrokerError, Permanent
 from .metrics import WorkerMetrics
 from .retries import next_hop
 from .settings import PoolSettings, redact_url
-from .topology import NOT_FOUND, Names, members_exchange
+from .topology import NOT_FOUND, Names, declare_clean_marker, is_clean, members_exchange
 
 log = logging.getLogger("ctlpool.worker")
 _NO_HEADERS: dict[str, Any] = {}
@@ -75,7 +75,7 @@ class Partition:
     """One partition queue this worker consumes (or is acquiring / releasing)."""
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
-                 "releasing", "acquired_at", "rerouted", "unacked")
+                 "releasing", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark")
 
     def __init__(self, ctl: _Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -83,6 +83,9 @@ class Partition:
         self.queue = queue
         self.ch: Channel | None = None
         self.guard_left = 0  # deliveries still to re-route (ring-drift guard window)
+        self.guarding = False  # not known clean in this broker epoch: re-route backlog and redeliveries
+        self.guard_futs: list[asyncio.Future[None]] = []  # confirms of the window's re-routes
+        self.may_mark = False  # we were the only consumer when the window was measured
         self.held: list[tuple[Any, Any, bytes]] | None = None  # deliveries parked while measuring/releasing
         self.dispatched = 0  # deliveries of this partition inside running reconciles
         self.idle = asyncio.Event()
@@ -378,14 +381,16 @@ class Worker:
             await ch.rpc("basic_qos", prefetch_count=self.settings.worker.prefetch)
             part.ch = ch
             part.guard_left = 0
-            part.held = [] if self._guard else None  # hold deliveries until the guard window is known
+            # a partition already cleared since the broker (and its ring) last started needs no guard
+            part.guarding = self._guard and not await is_clean(self._consume_conn, ctl.names, index, p)
+            part.held = [] if part.guarding else None  # hold deliveries until the guard window is known
             part.acquired_at = self.clock()
             try:
                 await ch.consume(part.queue, lambda c, m, pr, b, part=part, ch=ch: self._on_message(part, ch, m, pr, b),
                                  exclusive=not self._quorum)
                 self.stats.acquisitions += 1
                 self.metrics.handover(ctl.name, "acquired")
-                if self._guard:
+                if part.guarding:
                     await self._measure_guard(part, ch)
                 return
             except ChannelGone as exc:
@@ -432,13 +437,14 @@ class Worker:
                 self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
                                f"delivered {redeliveries} times without an ack (it kills its worker?)")
                 return
-        if part.guard_left or (method.redelivered and self._guard):
+        if part.guarding and (part.guard_left or method.redelivered):
             # backlog from before we held the partition, or returned by a consumer that died
             # (maybe mid-guard): it may have been routed by an earlier ring, so route it again
+            fut = self._forward(part, ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
             if part.guard_left:
                 part.guard_left -= 1
+                part.guard_futs.append(fut)
             self._count_reroute(part)
-            self._forward(part, ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
             return
         if headers is not None:
             delay_ms = headers.get(codec.H_DELAY_MS)
@@ -483,7 +489,8 @@ class Worker:
         Every message routed by an earlier ring (DESIGN fact 1) was enqueued before the broker
         restart that preceded this connection, so it is in this count (or comes back
         redelivered, which is re-routed too). Over-counting only re-routes a few fresh
-        events, which is harmless."""
+        events, which is harmless. Once the window is re-routed and confirmed, the partition's
+        clean marker (see ``Names.clean_marker``) spares later owners in this broker epoch."""
         try:
             ok = await ch.rpc("queue_declare", queue=part.queue, passive=True)
         except ChannelGone:
@@ -492,6 +499,11 @@ class Worker:
             return  # _release re-routes what is held
         held = part.held or []
         part.guard_left = window = len(held) + ok.method.message_count
+        # Another consumer (a standby, or an owner still finishing) may hold deliveries we can't
+        # count; only a sole consumer may declare the partition clean afterwards.
+        part.may_mark = ok.method.consumer_count <= 1
+        if not window and part.may_mark:
+            asyncio.ensure_future(self._mark_clean(part, []))
         if window:
             log.info("acquired %s: re-routing %d backlog events", part.queue, window,
                      extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
@@ -504,10 +516,23 @@ class Worker:
         part.rerouted += 1
         self.stats.rerouted += 1
         self.metrics.rerouted(part.ctl.name)
-        if part.guard_left == 0 and part.rerouted:
+        if part.guard_left == 0 and part.guard_futs:
+            futs, part.guard_futs = part.guard_futs, []
+            if part.may_mark:
+                asyncio.ensure_future(self._mark_clean(part, futs))
             log.info("%s: ring-drift guard re-routed %d events in %.0f ms", part.queue, part.rerouted,
                      (self.clock() - part.acquired_at) * 1000,
                      extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
+
+    async def _mark_clean(self, part: Partition, futs: list[asyncio.Future[None]]) -> None:
+        """Once the whole window is re-routed (confirmed), later acquirers may skip the guard."""
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        if any(isinstance(r, BaseException) for r in results) or part.ch is None or not part.ch.is_open:
+            return  # the next owner re-routes what is left
+        try:
+            await declare_clean_marker(part.ch, part.ctl.names.clean_marker(part.index, self.settings.topology.partitions))
+        except ChannelGone:
+            pass
 
     def _hop(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes, delay_s: float) -> None:
         """The message still owes ``delay_s``: ride the next tier (or come back now if it's tiny)."""

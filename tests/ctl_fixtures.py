@@ -69,7 +69,7 @@ class Recorder(Controller):
         return self._finish(key, ev, ctx, start)
 
     def _finish(self, key: str, ev: dict[str, Any], ctx: Any, start: int) -> Result | None:
-        rec = {"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "c": ctx.coalesced + 1,
+        rec = {"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "c": ctx.coalesced + 1, "p": ctx.partition,
                "a": ctx.attempt, "w": time.time()}
         try:
             out = _outcome(key, ev, ctx)

@@ -27,22 +27,23 @@ from tests.load import Load, assert_none_lost, backlog
 P = 16
 HEARTBEAT = "0.5"
 TIMEOUT = 3.0  # --member-timeout-s
-FAST = ("--partitions", str(P), "--heartbeat-interval-s", HEARTBEAT, "--member-timeout-s", str(TIMEOUT),
+FAST = ("--heartbeat-interval-s", HEARTBEAT, "--member-timeout-s", str(TIMEOUT),
         "--workers", "2", "--no-pin", "--concurrency", "32")
 
 
 class Cluster:
     """Hosts (one supervisor each) started and stopped by the test; all record into one directory."""
 
-    def __init__(self, url: str, prefix: str, tmp: Path) -> None:
-        self.url, self.prefix, self.tmp = url, prefix, tmp
+    def __init__(self, url: str, prefix: str, tmp: Path, partitions: int = P) -> None:
+        self.url, self.prefix, self.tmp, self.partitions = url, prefix, tmp, partitions
         self.rec = tmp / "rec"
         self.rec.mkdir()
         self.hosts: dict[str, Pool] = {}
         self.timings: list[tuple[str, float]] = []
 
     def start(self, node: str, *extra: str) -> Pool:
-        pool = Pool(self.url, self.prefix, "tests.ctl_fixtures:Recorder", *FAST, "--node-id", node, *extra,
+        pool = Pool(self.url, self.prefix, "tests.ctl_fixtures:Recorder", *FAST, "--partitions", str(self.partitions),
+                    "--node-id", node, *extra,
                     env={"CTLPOOL_TEST_RECORD_DIR": str(self.rec)}, log_path=self.tmp / f"{node}.log").start()
         self.hosts[node] = pool
         return pool
@@ -59,7 +60,7 @@ class Cluster:
 
     def owners(self) -> dict[str, Any]:
         snap = asyncio.run(collect(BrokerSettings(amqp_url=self.url, prefix=self.prefix),
-                                   TopologySettings(partitions=P), ["rec"], listen_s=1.2))
+                                   TopologySettings(partitions=self.partitions), ["rec"], listen_s=1.2))
         return snap
 
     def balanced(self, workers: int) -> bool:
@@ -71,7 +72,7 @@ class Cluster:
         parts = snap["controllers"][0]["partitions"]
         if any(len(p["owner"]) != 1 for p in parts):
             return False
-        share = P / workers
+        share = self.partitions / workers
         return all(abs(m["partitions"].get("rec", 0) - share) < 1 + 1e-9 for m in members)
 
     def wait_balanced(self, workers: int, what: str, timeout: float = 40) -> float:
@@ -83,13 +84,14 @@ class Cluster:
         return took
 
     def check(self, load: Load, drain_timeout: float = 90) -> list[dict[str, Any]]:
-        wait_until(lambda: backlog(self.url, self.prefix, partitions=P) == 0, drain_timeout, what="backlog drained")
+        wait_until(lambda: backlog(self.url, self.prefix, partitions=self.partitions) == 0, drain_timeout,
+                   what="backlog drained")
         for node in list(self.hosts):
             self.stop(node)
         records = read_records(str(self.rec))
         assert overlaps(records) == [], "two reconciles of one key overlapped"
         assert_none_lost(records, load.per_key)
-        assert backlog(self.url, self.prefix, partitions=P) == 0, "nothing left unacked after the drain"
+        assert backlog(self.url, self.prefix, partitions=self.partitions) == 0, "nothing left unacked after the drain"
         assert queue_depth(self.url, f"{self.prefix}.rec.parked") == 0
         return records
 
@@ -196,6 +198,9 @@ def test_handover_waits_for_a_long_reconcile(cluster, amqp_url, prefix):
     assert moved, "no slow key's partition moved to host B; the test did not exercise a handover"
 
 
+RING_QUEUES = 64
+
+
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
@@ -207,8 +212,17 @@ def restart_broker_app() -> None:
 
 
 @pytest.mark.timeout(420)
-def test_broker_restarts_under_load(cluster, amqp_url, prefix):
-    # Given two hosts under load (the publisher reconnects and re-sends unconfirmed batches)
+def test_broker_restarts_under_load(amqp_url, prefix, tmp_path):
+    # Given two hosts under load (the publisher reconnects and re-sends unconfirmed batches), on
+    # 64 quorum partitions: the shape whose ring RabbitMQ 3.10 reshuffles on restart
+    cluster = Cluster(amqp_url, prefix, tmp_path, partitions=64)
+    try:
+        _broker_restarts_under_load(cluster, amqp_url, prefix)
+    finally:
+        cluster.shutdown()
+
+
+def _broker_restarts_under_load(cluster: Cluster, amqp_url: str, prefix: str) -> None:
     cluster.start("hostA").wait_ready()
     cluster.start("hostB").wait_ready()
     with Load(amqp_url, prefix, rate=600) as load:
@@ -220,12 +234,19 @@ def test_broker_restarts_under_load(cluster, amqp_url, prefix):
             cluster.wait_balanced(4, f"after broker restart {i + 1}", timeout=90)
         time.sleep(2)
     # Then every event was reconciled once settled, none overlapping, none lost
-    cluster.check(load, drain_timeout=120)
+    records = cluster.check(load, drain_timeout=120)
+    partitions_of: dict[str, set[int]] = {}
+    for r in records:
+        if r["k"].startswith("hot"):
+            partitions_of.setdefault(r["k"], set()).add(r["p"])
+    moved = sorted(k for k, ps in partitions_of.items() if len(ps) > 1)
+    print(f"[ring] hot keys reconciled from more than one partition (the ring moved them): {moved}")
     rerouted = [e for node in ("hostA", "hostB") for e in read_json_log(cluster.tmp / f"{node}.log")
                 if "ring-drift guard re-routed" in e.get("msg", "")]
-    print(f"[reroute] guard messages: {len(rerouted)}; re-routed events: "
-          f"{sum(int(e['msg'].split('re-routed ')[1].split()[0]) for e in rerouted)}")
+    total = sum(int(e['msg'].split('re-routed ')[1].split()[0]) for e in rerouted)
+    print(f"[reroute] guard messages: {len(rerouted)}; re-routed events over 2 restarts: {total}")
     assert load.retried_batches >= 1, "the broker restarts really interrupted publishing"
+    assert total > 0, "after a broker restart the partitions' backlog was re-routed (clean markers gone)"
 
 
 @pytest.mark.timeout(300)
@@ -240,7 +261,7 @@ def test_ring_moves_keys_across_broker_restart(amqp_url, prefix):
         for k in keys:
             ch.basic_publish(f"{prefix}.ring", k, b"", mandatory=True)
         where = {}
-        for i in range(P):
+        for i in range(RING_QUEUES):
             q = f"{prefix}.ring.q{i:02d}"
             while True:
                 m, _, _ = ch.basic_get(q, auto_ack=True)
@@ -250,20 +271,21 @@ def test_ring_moves_keys_across_broker_restart(amqp_url, prefix):
         conn.close()
         return where
 
-    # Given a consistent-hash exchange with 16 queues bound once, in order, weight "1"
+    # Given a consistent-hash exchange with 64 quorum queues bound once, in order, weight "1"
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     ch = conn.channel()
     ch.exchange_declare(f"{prefix}.ring", "x-consistent-hash", durable=True)
-    for i in range(P):
-        ch.queue_declare(f"{prefix}.ring.q{i:02d}", durable=True)
+    for i in range(RING_QUEUES):
+        ch.queue_declare(f"{prefix}.ring.q{i:02d}", durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_bind(f"{prefix}.ring.q{i:02d}", f"{prefix}.ring", "1")
     conn.close()
     keys = [f"item-{i}" for i in range(2000)]
     before = route(keys)
     assert len(before) == len(keys)
-    # When the broker app restarts (up to three times: the reshuffle is not the same every time)
+    # When the broker app restarts (up to five times: whether the quorum queues' bindings come back
+    # in another order varies; seen here: 0%, 71%, 16% of keys moved on three restarts in a row)
     moved_fractions = []
-    for _ in range(3):
+    for _ in range(5):
         restart_broker_app()
         after = route(keys)
         moved_fractions.append(sum(before[k] != after[k] for k in keys) / len(keys))
