@@ -164,6 +164,7 @@ class Channel:
         self.conn = conn
         self.raw: Any = None
         self._pending: set[asyncio.Future[Any]] = set()
+        self._open = False
         self.closed: asyncio.Future[ChannelGone] = asyncio.get_running_loop().create_future()
 
     async def _ready(self) -> None:
@@ -173,6 +174,7 @@ class Channel:
             waiter.cancel()
             raise self.conn.closed.result()
         self.raw = waiter.result()
+        self._open = True
         self.raw.add_on_close_callback(self._on_close)
         self.conn.closed.add_done_callback(lambda f: self._fail_all(f.result()))
 
@@ -180,6 +182,7 @@ class Channel:
         self._fail_all(_gone(reason))
 
     def _fail_all(self, exc: ChannelGone) -> None:
+        self._open = False
         if not self.closed.done():
             self.closed.set_result(exc)
         for fut in self._pending:
@@ -189,7 +192,7 @@ class Channel:
 
     @property
     def is_open(self) -> bool:
-        return self.raw is not None and self.raw.is_open and not self.closed.done()
+        return self._open  # read on every ack: a flag, kept by _ready, close and _fail_all
 
     async def rpc(self, method: str, /, **kwargs: Any) -> Any:
         """Call ``raw.<method>(..., callback=...)`` and await its ok frame."""
@@ -225,6 +228,7 @@ class Channel:
     async def close(self) -> None:
         """Close the channel and wait until it is closed; unacked deliveries return to their queues."""
         if self.is_open:
+            self._open = False
             try:
                 self.raw.close()
             except pika.exceptions.AMQPError:

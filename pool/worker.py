@@ -35,6 +35,7 @@ from typing import Any, Callable
 import pika
 
 from . import codec
+from .acks import AckBatch
 from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
 from . import membership
 from .assignment import Member, owned_by
@@ -75,7 +76,7 @@ class Partition:
     """One partition queue this worker consumes (or is acquiring / releasing)."""
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
-                 "releasing", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark")
+                 "releasing", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks")
 
     def __init__(self, ctl: _Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -86,6 +87,7 @@ class Partition:
         self.guarding = False  # not known clean in this broker epoch: re-route backlog and redeliveries
         self.guard_futs: list[asyncio.Future[None]] = []  # confirms of the window's re-routes
         self.may_mark = False  # we were the only consumer when the window was measured
+        self.acks = AckBatch()  # of the current channel
         self.held: list[tuple[Any, Any, bytes]] | None = None  # deliveries parked while measuring/releasing
         self.dispatched = 0  # deliveries of this partition inside running reconciles
         self.idle = asyncio.Event()
@@ -162,7 +164,9 @@ class Worker:
         self.metrics.sampler = self._sample_metrics
         self._wq: WorkQueue[tuple[int, str], Delivery] = WorkQueue()
         self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], float] = {}  # running reconciles -> deadline (clock)
+        self._timed_out: set[asyncio.Task[None]] = set()
+        self._ack_parts: list[Partition] = []  # partitions with acks to flush this loop iteration
         self._parts: dict[tuple[int, int], Partition] = {}
         self._pub: ConfirmChannel | None = None
         self._consume_conn: Connection | None = None
@@ -303,6 +307,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             self._heartbeat()
+            self._expire_reconciles()
             gone = self._members.expire()
             if gone:
                 log.info("members gone (no heartbeat for %.0fs): %s", self.settings.worker.member_timeout_s,
@@ -362,7 +367,7 @@ class Worker:
         for conn in self._conns:
             conn.close()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._parts.clear()
         self._conns.clear()
         self._pub = None
@@ -380,6 +385,7 @@ class Worker:
             ch = await self._consume_conn.channel()
             await ch.rpc("basic_qos", prefetch_count=self.settings.worker.prefetch)
             part.ch = ch
+            part.acks = AckBatch()
             part.guard_left = 0
             # a partition already cleared since the broker (and its ring) last started needs no guard
             part.guarding = self._guard and not await is_clean(self._consume_conn, ctl.names, index, p)
@@ -416,6 +422,7 @@ class Worker:
             part.held = []
             if confirms:
                 await asyncio.gather(*confirms, return_exceptions=True)
+            self._flush_acks()
             await ch.close()
         self._parts.pop((part.ctl.index, part.index), None)
         self.stats.releases += 1
@@ -426,6 +433,7 @@ class Worker:
     def _on_message(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes) -> None:
         self.stats.deliveries += 1
         part.unacked += 1
+        part.acks.delivered(method.delivery_tag)
         if part.held is not None:  # measuring the guard window, or releasing
             part.held.append((method, props, body))
             return
@@ -565,9 +573,7 @@ class Worker:
             return
         exc = fut.exception()
         if exc is None:
-            if ch.is_open:
-                ch.raw.basic_ack(tag)
-                part.unacked -= 1
+            self._ack(part, ch, tag)
         elif not isinstance(exc, ChannelGone):
             log.error("republish failed, delivery left unacked: %s", exc, extra={"worker": self.index})
 
@@ -629,27 +635,41 @@ class Worker:
                 return
             (ci, key), items = got
             self._inflight += 1
-            self.metrics.started(self.ctls[ci].name, self.clock() - items[0].queued_at, len(items) - 1)
+            now = self.clock()
+            ctl = self.ctls[ci]
+            self.metrics.started(ctl.name, now - items[0].queued_at, len(items) - 1)
             for d in items:
                 part = d.part
                 part.dispatched += 1
                 part.idle.clear()
-            task = asyncio.ensure_future(self._reconcile(self.ctls[ci], key, items))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task = self._loop.create_task(self._reconcile(ctl, key, items, now))  # type: ignore[union-attr]
+            self._tasks[task] = now + self._timeout_s
+            task.add_done_callback(self._forget_task)
 
-    async def _reconcile(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        del self._tasks[task]
+        self._timed_out.discard(task)
+
+    def _expire_reconciles(self) -> None:
+        """Cancel reconciles past their deadline (checked every heartbeat interval: a per-task
+        ``asyncio.timeout`` costs more than the rest of the dispatch; the default timeout is 300 s)."""
+        now = self.clock()
+        for task, deadline in self._tasks.items():
+            if now > deadline and task not in self._timed_out:
+                self._timed_out.add(task)
+                task.cancel()
+
+    async def _reconcile(self, ctl: _Ctl, key: str, items: list[Delivery], started: float) -> None:
         last = items[-1]
         attempt = max(d.attempt for d in items) if len(items) > 1 else last.attempt
         ctx = Context(self, ctl.name, key, attempt, len(items) - 1, last.part.index)
         self.stats.reconciles += 1
         thread_fut: asyncio.Future[Any] | None = None
-        started = self.clock()
         ran_s = 0.0  # the reconcile call and the confirms of what it published
         outcome: str | None = None  # a controller-runtime result, once settled
         try:
             try:
-                async with asyncio.timeout(self._timeout_s):
+                try:
                     if ctl.is_async:
                         result = await ctl.controller.reconcile(key, last.event, ctx)
                     else:
@@ -658,6 +678,12 @@ class Worker:
                         result = await asyncio.shield(thread_fut)
                     if ctx._confirms:
                         await self._wait_confirms(ctx)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task not in self._timed_out:
+                        raise
+                    task.uncancel()  # type: ignore[union-attr]  # handled: settle it as a failure
+                    raise TimeoutError() from None
             except Permanent as exc:
                 ran_s = self.clock() - started
                 await self._settle_park(ctl, items, codec.PARK_PERMANENT, str(exc) or "Permanent")
@@ -670,7 +696,7 @@ class Worker:
                 outcome = "error"
             else:
                 ran_s = self.clock() - started
-                if isinstance(result, Result) and result.requeue_after is not None:
+                if result is not None and isinstance(result, Result) and result.requeue_after is not None:
                     self.stats.requeued += 1
                     await self._settle_delay(ctl, key, items, result.requeue_after, 0)
                     outcome = "requeue_after"
@@ -687,7 +713,8 @@ class Worker:
                 # a plain-def reconcile cannot be interrupted: keep its key busy until it returns
                 await asyncio.wait({thread_fut})
             if outcome is not None:
-                self.metrics.reconciled(ctl.name, outcome, ran_s, self.clock() - started)
+                self.metrics.reconciled(ctl.name, outcome, ran_s,
+                                        ran_s if outcome == "success" else self.clock() - started)
             self._finish(ctl, key, items)
 
     def _finish(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
@@ -709,9 +736,26 @@ class Worker:
 
     def _ack_all(self, items: list[Delivery]) -> None:
         for d in items:
-            if d.ch.is_open:
-                d.ch.raw.basic_ack(d.tag)
-                d.part.unacked -= 1
+            self._ack(d.part, d.ch, d.tag)
+
+    def _ack(self, part: Partition, ch: Channel, tag: int) -> None:
+        """Ack at the end of this loop iteration, coalesced with the channel's other acks (``AckBatch``)."""
+        if ch is not part.ch or not ch.is_open:
+            return  # the channel is gone; the broker has put the delivery back
+        part.unacked -= 1
+        if part.acks.done(tag):
+            self._ack_parts.append(part)
+            if len(self._ack_parts) == 1:
+                self._loop.call_soon(self._flush_acks)  # type: ignore[union-attr]
+
+    def _flush_acks(self) -> None:
+        parts, self._ack_parts = self._ack_parts, []
+        for part in parts:
+            ch = part.ch
+            frames = part.acks.flush()
+            if ch is not None and ch.is_open:
+                for tag, multiple in frames:
+                    ch.raw.basic_ack(tag, multiple)
 
     def _publish_then_ack(self, items: list[Delivery], exchange: str, key: str, body: bytes,
                           headers: dict[str, Any], content_type: str | None) -> asyncio.Future[None]:
