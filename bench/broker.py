@@ -55,11 +55,29 @@ def declare(t: Target) -> None:
     asyncio.run(ensure(BrokerSettings(amqp_url=t.url, prefix=t.prefix), t.topology, [NAME]))
 
 
+def clean_markers(t: Target) -> list[str]:
+    return [t.names.clean_marker(i, t.topology.partitions) for i in range(t.topology.partitions)]
+
+
+def forget_clean(t: Target) -> None:
+    """Delete the partitions' clean markers, as a broker restart does: the pool's ring-drift guard
+    then re-routes whatever backlog it finds when it acquires them."""
+    conn = pika.BlockingConnection(pika.URLParameters(t.url))
+    try:
+        ch = conn.channel()
+        for e in clean_markers(t):
+            ch.exchange_delete(e)
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 def delete(t: Target) -> None:
     """Delete every queue and exchange the pool declares under ``t.prefix``."""
     n = t.names
     queues = t.partition_queues + [n.tier(s) for s in t.topology.tiers_s] + [n.parked]
     exchanges = [n.exchange, members_exchange(t.prefix)] + [n.tier(s) for s in t.topology.tiers_s]
+    exchanges += clean_markers(t)
     conn = pika.BlockingConnection(pika.URLParameters(t.url))
     try:
         ch = conn.channel()

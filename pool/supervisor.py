@@ -96,7 +96,11 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
     if cpu is not None:
         import psutil
 
-        psutil.Process().cpu_affinity([cpu])
+        try:
+            psutil.Process().cpu_affinity([cpu])
+        except (OSError, psutil.Error) as exc:  # a sandbox that forbids sched_setaffinity
+            logging.getLogger("ctlpool.worker").warning("could not pin to CPU %d (%s); running unpinned", cpu, exc,
+                                                        extra={"worker": index})
 
     def send(message: bytes) -> None:
         try:

@@ -56,15 +56,20 @@ class Options:
 
 @contextmanager
 def consumer(kind: str, opts: Options, *, name: str, workers: int | None = None, prefetch: int | None = None,
-             concurrency: int | None = None, controller: str = "Noop", target: Target | None = None
-             ) -> Iterator[tuple[Any, Target]]:
-    """The pool or the floor on ``target`` (a fresh one unless given), cleaned up on exit."""
+             concurrency: int | None = None, controller: str = "Noop", target: Target | None = None,
+             after_restart: bool = False) -> Iterator[tuple[Any, Target]]:
+    """The pool or the floor on ``target`` (a fresh one unless given), cleaned up on exit.
+
+    ``after_restart``: the partitions start as after a broker restart (no clean markers), so
+    the pool's ring-drift guard re-routes the backlog it finds."""
     own = target is None
     t = target or opts.target()
     workers = workers or opts.workers
     prefetch = prefetch or opts.prefetch
     if own:
         broker.declare(t)
+    if after_restart:
+        broker.forget_clean(t)
     c: Any
     if kind == "pool":
         c = PoolProcess(t, PoolOptions(workers, prefetch, concurrency or opts.concurrency, controller,
