@@ -5,7 +5,8 @@ takes partition queues ``i, i+N, i+2N, ...``. Each runs pika's ``AsyncioConnecti
 uvloop loop, one connection, one channel per queue with ``basic_qos(prefetch)``, and consumes
 (``exclusive`` on classic queues, as the pool does; quorum partitions are single-active-
 consumer already). Per delivery: decode the body with the same msgspec type the bench
-controller uses, ``basic_ack`` it alone, count it in a 100 ms completion bucket. No work
+controller uses, ``basic_ack`` it alone, count it in a 100 ms completion bucket (and, for
+the latency scenario, keep ack time minus the publish time the event carried). No work
 queue, no confirms, no framework.
 
 Every ``REPORT_S`` a process writes its count and its CPU time into shared arrays (the
@@ -35,7 +36,8 @@ def _cpu_s() -> float:
 class BareConsumer:
     """One floor process's consumer, usable in-process too (``bench.profile_worker``)."""
 
-    def __init__(self, url: str, queues: list[str], prefetch: int, exclusive: bool, name: str) -> None:
+    def __init__(self, url: str, queues: list[str], prefetch: int, exclusive: bool, name: str,
+                 latency: bool = False) -> None:
         import msgspec
 
         from .controllers import Event
@@ -45,12 +47,15 @@ class BareConsumer:
         self.buckets: dict[int, int] = {}
         self.n = 0
         self.last_ns = 0
+        self.latencies_ns: list[int] | None = [] if latency else None
         self.raw: Any = None
 
     def on_message(self, ch: Any, method: Any, _props: Any, body: bytes) -> None:
-        self.decode(body)
+        event = self.decode(body)
         ch.basic_ack(method.delivery_tag)
         now = time.monotonic_ns()
+        if self.latencies_ns is not None:
+            self.latencies_ns.append(now - event.t)
         b = now // BUCKET_NS
         self.buckets[b] = self.buckets.get(b, 0) + 1
         self.n += 1
@@ -88,11 +93,11 @@ class BareConsumer:
         await asyncio.sleep(0.05)
 
 
-def _floor_main(url: str, queues: list[str], prefetch: int, exclusive: bool, index: int,
+def _floor_main(url: str, queues: list[str], prefetch: int, exclusive: bool, latency: bool, index: int,
                 counter: Any, cpu: Any, conn: Any, stop: Any) -> None:
     import uvloop
 
-    consumer = BareConsumer(url, queues, prefetch, exclusive, f"bench-floor-{index}")
+    consumer = BareConsumer(url, queues, prefetch, exclusive, f"bench-floor-{index}", latency)
 
     async def main() -> None:
         await consumer.start()
@@ -104,7 +109,7 @@ def _floor_main(url: str, queues: list[str], prefetch: int, exclusive: bool, ind
             await asyncio.sleep(REPORT_S)
         counter[index] = consumer.n
         await consumer.close()
-        conn.send(("done", consumer.buckets, consumer.last_ns))
+        conn.send(("done", consumer.buckets, consumer.last_ns, consumer.latencies_ns or []))
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -118,10 +123,11 @@ class Floor:
 
     side = "floor"
 
-    def __init__(self, target: Target, processes: int, prefetch: int) -> None:
+    def __init__(self, target: Target, processes: int, prefetch: int, latency: bool = False) -> None:
         self.target = target
         self.processes = processes
         self.prefetch = prefetch
+        self.latency = latency
         self._counter = SPAWN.RawArray("q", processes)
         self._cpu = SPAWN.RawArray("d", processes)
         self._stop = SPAWN.Event()
@@ -136,7 +142,7 @@ class Floor:
         for i in range(self.processes):
             recv, send = SPAWN.Pipe(duplex=False)
             p = SPAWN.Process(target=_floor_main, name=f"bench-floor-{i}", daemon=True,
-                              args=(self.target.url, qs[i::self.processes], self.prefetch, exclusive, i,
+                              args=(self.target.url, qs[i::self.processes], self.prefetch, exclusive, self.latency, i,
                                     self._counter, self._cpu, send, self._stop))
             p.start()
             send.close()
@@ -172,7 +178,7 @@ class Floor:
         """Nothing to sample: the floor's memory is not what the bench compares."""
 
     def collect(self) -> Accounting:
-        """Stop the consumers and return their completion buckets (the floor is not reused)."""
+        """Stop the consumers and return their completion buckets and latencies (the floor is not reused)."""
         acc = Accounting(reconciles=self.done(), covered=self.done())
         self._stop.set()
         for i, (p, pipe) in enumerate(zip(self._procs, self._pipes)):
@@ -184,9 +190,10 @@ class Floor:
                     msg = ("error", f"floor consumer {i} died (exit {p.exitcode})")
             if msg[0] != "done":
                 raise RuntimeError(msg[1])
-            _, buckets, last = msg
+            _, buckets, last, latencies_ns = msg
             for b, c in buckets.items():
                 acc.buckets[b] = acc.buckets.get(b, 0) + c
+            acc.latencies_ms.extend(ns / 1e6 for ns in latencies_ns)
             acc.last_end_ns = max(acc.last_end_ns, last)
             p.join(10)
         acc.first_end_ns = min((b * BUCKET_NS for b in acc.buckets), default=0)

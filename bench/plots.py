@@ -52,13 +52,18 @@ def timelines(out: Path, name: str, title: str, series: dict[str, Sequence[tuple
 
 
 def latency_histogram(out: Path, name: str, latencies_ms: Sequence[float], marks: dict[str, float],
-                      title: str) -> str:
-    """Histogram of end-to-end latencies on a log axis, with p50/p90/p99 and the bar marked."""
+                      title: str, floor_ms: Sequence[float] = ()) -> str:
+    """Histogram of end-to-end latencies on a log axis, with p50/p90/p99 and the bar marked
+    (and the floor's, outlined, when given)."""
     fig, ax = plt.subplots(figsize=(8, 4))
-    lo = max(min(latencies_ms), 0.05)
-    hi = max(max(latencies_ms), lo * 2)
+    both = [*latencies_ms, *floor_ms]
+    lo = max(min(both), 0.05)
+    hi = max(max(both), lo * 2)
     edges = [lo * (hi / lo) ** (i / 60) for i in range(61)]
-    ax.hist(latencies_ms, bins=edges, color="#4477aa")
+    ax.hist(latencies_ms, bins=edges, color="#4477aa", label="pool")
+    if floor_ms:
+        ax.hist(floor_ms, bins=edges, histtype="step", color="#222222", linewidth=1.2, label="floor (bare pika)")
+        ax.legend(loc="upper right")
     ax.set_xscale("log")
     for label, v in marks.items():
         ax.axvline(v, linestyle="--", linewidth=1, color="#cc3311")

@@ -57,11 +57,12 @@ class Options:
 @contextmanager
 def consumer(kind: str, opts: Options, *, name: str, workers: int | None = None, prefetch: int | None = None,
              concurrency: int | None = None, controller: str = "Noop", target: Target | None = None,
-             after_restart: bool = False) -> Iterator[tuple[Any, Target]]:
+             after_restart: bool = False, latency: bool = False) -> Iterator[tuple[Any, Target]]:
     """The pool or the floor on ``target`` (a fresh one unless given), cleaned up on exit.
 
     ``after_restart``: the partitions start as after a broker restart (no clean markers), so
-    the pool's ring-drift guard re-routes the backlog it finds."""
+    the pool's ring-drift guard re-routes the backlog it finds. ``latency``: the floor keeps
+    per-event latencies too (the pool always does)."""
     own = target is None
     t = target or opts.target()
     workers = workers or opts.workers
@@ -75,7 +76,7 @@ def consumer(kind: str, opts: Options, *, name: str, workers: int | None = None,
         c = PoolProcess(t, PoolOptions(workers, prefetch, concurrency or opts.concurrency, controller,
                                        opts.sleep_ms), opts.out, name)
     else:
-        c = Floor(t, workers, prefetch)
+        c = Floor(t, workers, prefetch, latency=latency)
     try:
         yield c, t
     finally:
@@ -91,13 +92,14 @@ def consumer(kind: str, opts: Options, *, name: str, workers: int | None = None,
             broker.delete_or_warn(t)
 
 
-def pairs(opts: Options, load: Load, label: str, workers: int | None = None) -> tuple[list[Phase], list[Phase]]:
+def pairs(opts: Options, load: Load, label: str, workers: int | None = None,
+          latency: bool = False) -> tuple[list[Phase], list[Phase]]:
     """Pool and floor under ``load``, ``opts.rounds`` times each, alternating who goes first."""
     pools: list[Phase] = []
     floors: list[Phase] = []
     for r in range(opts.rounds):
         for kind in (("pool", "floor") if r % 2 == 0 else ("floor", "pool")):
-            with consumer(kind, opts, name=f"{label}-{kind}{r}", workers=workers) as (c, t):
+            with consumer(kind, opts, name=f"{label}-{kind}{r}", workers=workers, latency=latency) as (c, t):
                 ph = run_phase(c, t, load, f"{label} {kind}")
             (pools if kind == "pool" else floors).append(ph)
     return pools, floors

@@ -3,7 +3,9 @@
 latency: ``--rate`` events/s (default 2,000) for ``--duration-s`` (default 20 s); each
 reconcile's latency is its end minus the publish time its event carried (one monotonic
 clock on the host), so it spans publisher, broker, partition queue, work queue and reconcile.
-A coalesced reconcile counts once, for its latest event.
+A coalesced reconcile counts once, for its latest event. The floor then takes the same
+paced load on a topology of its own; its latency ends at its ack. Side by side they show
+how much of the tail is the broker and this machine rather than the pool.
 
 hotkeys: Zipf-distributed keys (``--skew``, default 1.1) and a controller that holds each
 key ``--sleep-ms`` (default 2 ms, ``asyncio.sleep``); events that arrive while their key is
@@ -16,8 +18,8 @@ from __future__ import annotations
 from .. import plots
 from ..load import Load
 from ..measure import Phase, run_phase
-from ..report import Outcome
-from .common import PHASE_HEADER, Options, consumer, guarantees, phase_row
+from ..report import Outcome, median
+from .common import PHASE_HEADER, Options, consumer, guarantees, pairs, phase_row
 
 RATE = 2000.0  # events/s: issue 4's latency bar is stated at this rate
 DURATION_S = 20.0
@@ -35,18 +37,34 @@ def latency(opts: Options) -> Outcome:
     rate = opts.rate or RATE
     duration = opts.duration_s or DURATION_S
     load = Load(events=opts.events or int(rate * duration), publishers=opts.publishers, keys=opts.keys, rate=rate)
-    with consumer("pool", opts, name="latency-pool") as (c, t):
-        ph = run_phase(c, t, load, "latency pool")
-    results = {**_base("latency", ph), "rate": rate, "duration_s": duration}
-    out = Outcome(results, ["rate/s", "events", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "overlaps"],
-                  [[rate, ph.published, ph.p50_ms, ph.p90_ms, ph.p99_ms, ph.max_ms, ph.lost, ph.overlaps]])
-    out.notes += ph.errors
+    pools, floors = pairs(opts, load, "latency", latency=True)
+    qs = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+    results = {"scenario": "latency", **guarantees(pools), "rate": rate, "duration_s": duration,
+               "events_per_s": median([p.events_per_s for p in pools]),
+               **{q: median([getattr(p, q) for p in pools]) for q in qs},
+               **{f"floor_{q}": median([getattr(f, q) for f in floors]) for q in qs},
+               "max_rss_mb": max(p.max_rss_mb for p in pools),
+               "cpu_us_per_event": median([p.cpu_us_per_event for p in pools]),
+               "pool": [p.summary() for p in pools], "floor": [f.summary() for f in floors]}
+    rows = [[f"{ph.side} {i}", rate, ph.published, ph.p50_ms, ph.p90_ms, ph.p99_ms, ph.max_ms,
+             ph.lost if ph.side == "pool" else None, ph.overlaps if ph.side == "pool" else None]
+            for side in (pools, floors) for i, ph in enumerate(side)]
+    if opts.rounds > 1:
+        rows += [[f"{side} median", rate, None] + [results[pre + q] for q in qs] + [None, None]
+                 for side, pre in (("pool", ""), ("floor", "floor_"))]
+    out = Outcome(results, ["run", "rate/s", "events", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "overlaps"],
+                  rows)
+    for ph in pools:
+        out.notes += ph.errors
+    ph, fl = pools[0], floors[0]
     if opts.plots and plots.available() and ph.latencies_ms:
         marks = {"p50": ph.p50_ms, "p90": ph.p90_ms, "p99": ph.p99_ms}
         out.plots.append(plots.latency_histogram(opts.out, "latency_hist.png", ph.latencies_ms, marks,
-                                                 f"latency at {rate:,.0f} events/s, {opts.workers} workers"))
+                                                 f"latency at {rate:,.0f} events/s, {opts.workers} workers"
+                                                 + (" (round 0)" if opts.rounds > 1 else ""),
+                                                 floor_ms=fl.latencies_ms))
         out.plots.append(plots.timelines(opts.out, "latency_timeline.png", "latency: completions/s",
-                                         {"pool": ph.timeline}))
+                                         {"pool": ph.timeline, "floor": fl.timeline}))
     return out
 
 
