@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     g.add_argument("--keys", type=int, default=10_000, help="distinct item keys (default 10000)")
     g.add_argument("--skew", type=float, default=1.1, help="hotkeys: Zipf exponent (default 1.1)")
-    g.add_argument("--sleep-ms", type=float, default=2.0, help="hotkeys: time each reconcile takes (default 2)")
+    g.add_argument("--sleep-ms", type=float,
+                   help="hotkeys: time each reconcile takes (default 2); sweep: reconciles take this long "
+                        "(asyncio.sleep) instead of none")
     g.add_argument("--rounds", type=int, default=1,
-                   help="saturate, drain, scale: pool/floor pairs per setting, alternating order (default 1)")
+                   help="saturate, drain, latency, scale: pool/floor pairs per setting, alternating order (default 1)")
     g.add_argument("--prefetch-grid", type=_ints, default=(10, 50, 200), help="sweep rows (default 10,50,200)")
     g.add_argument("--concurrency-grid", type=_ints, default=(8, 64), help="sweep columns (default 8,64)")
     g.add_argument("--counts", type=_ints, help="scale: worker counts (default 1..--workers)")

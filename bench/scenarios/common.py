@@ -44,7 +44,7 @@ class Options:
     duration_s: float | None = None
     rate: float | None = None
     skew: float = 1.1
-    sleep_ms: float = 2.0
+    sleep_ms: float | None = None  # Sleepy's reconcile time; None: the scenario's default
     prefetch_grid: tuple[int, ...] = (10, 50, 200)
     concurrency_grid: tuple[int, ...] = (8, 64)
     counts: tuple[int, ...] | None = None
@@ -74,7 +74,7 @@ def consumer(kind: str, opts: Options, *, name: str, workers: int | None = None,
     c: Any
     if kind == "pool":
         c = PoolProcess(t, PoolOptions(workers, prefetch, concurrency or opts.concurrency, controller,
-                                       opts.sleep_ms), opts.out, name)
+                                       opts.sleep_ms or 0.0), opts.out, name)
     else:
         c = Floor(t, workers, prefetch, latency=latency)
     try:

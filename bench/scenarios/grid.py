@@ -1,9 +1,10 @@
 """``sweep`` (prefetch x concurrency) and ``scale`` (worker processes): one figure per setting.
 
-sweep: one topology for the whole grid; per cell a fresh pool runs a short saturating load
+sweep: one topology for the whole grid; per cell a fresh pool (no-op controller, or one that
+takes ``--sleep-ms`` per reconcile) runs a short saturating load
 and then, warmed up, a short paced one (latency at ``--rate``); the heatmaps show saturate events/s
 and latency p99, and the recommended setting is the fastest cell whose p99 meets the 20 ms
-bar (the lowest p99 when none does).
+bar, plus ``--sleep-ms`` (the lowest p99 when none does).
 
 scale: at each worker count, the pool and the floor with that many processes under the same
 publishers (``--scale-load saturate``, the default, or ``drain``: a preloaded backlog,
@@ -39,7 +40,7 @@ def sweep(opts: Options) -> Outcome:
             for cc in opts.concurrency_grid:
                 label = f"sweep p{pf} c{cc}"
                 with consumer("pool", opts, name=f"sweep-p{pf}-c{cc}", prefetch=pf, concurrency=cc,
-                              target=target) as (c, t):
+                              target=target, controller="Sleepy" if opts.sleep_ms else "Noop") as (c, t):
                     sat = run_phase(c, t, sat_load, label + " saturate")
                     lat = run_phase(c, t, lat_load, label + " latency")  # second: on a warm pool
                 phases += [sat, lat]
@@ -50,18 +51,19 @@ def sweep(opts: Options) -> Outcome:
                               "overlaps": lat.overlaps + sat.overlaps})
     finally:
         broker.delete_or_warn(target)
-    meeting = [c for c in cells if c["p99_ms"] is not None and c["p99_ms"] <= P99_BAR_MS]
+    bar = P99_BAR_MS + (opts.sleep_ms or 0.0)  # the reconcile's own time is not the pool's latency
+    meeting = [c for c in cells if c["p99_ms"] is not None and c["p99_ms"] <= bar]
     best = max(meeting, key=lambda c: c["events_per_s"]) if meeting else min(cells, key=lambda c: c["p99_ms"] or 1e9)
     results = {"scenario": "sweep", **guarantees(phases), "events_per_s": best["events_per_s"],
                "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], "max_rss_mb": max(c["max_rss_mb"] for c in cells),
                "recommended": {"prefetch": best["prefetch"], "concurrency": best["concurrency"]},
-               "rate": rate, "grid": cells}
+               "rate": rate, "sleep_ms": opts.sleep_ms or 0.0, "grid": cells}
     header = ["prefetch", "concurrency", "saturate ev/s", "p50 ms", "p99 ms", "cpu us/ev", "max rss MB", "lost",
               "overlaps"]
     rows = [[c["prefetch"], c["concurrency"], c["events_per_s"], c["p50_ms"], c["p99_ms"], c["cpu_us_per_event"],
              c["max_rss_mb"], c["lost"], c["overlaps"]] for c in cells]
     out = Outcome(results, header, rows)
-    why = "fastest with p99 <= 20 ms" if meeting else "no cell met p99 <= 20 ms; lowest p99"
+    why = f"fastest with p99 <= {bar:g} ms" if meeting else f"no cell met p99 <= {bar:g} ms; lowest p99"
     out.notes.append(f"recommended: --prefetch {best['prefetch']} --concurrency {best['concurrency']} ({why})")
     for ph in phases:
         out.notes += ph.errors
