@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn, Sequence
@@ -190,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(1, str(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ctlpool status | head`: the reader is gone; so is our output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     parser.error(f"unknown command {args.command}")
 
 

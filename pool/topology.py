@@ -17,7 +17,7 @@ in index order, weight "1", and never removed (DESIGN: fixed partitions).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .amqp import ChannelGone, Connection, connect, plugin_error_or
@@ -105,6 +105,24 @@ def _mismatch(names: Names, queue: str, exc: ChannelGone, topo: TopologySettings
     )
 
 
+async def _partition_mismatch(conn: Connection, names: Names, queue: str, exc: ChannelGone,
+                              topo: TopologySettings) -> TopologyMismatch:
+    """Name what differs: a partition that declares cleanly as the other queue type is one."""
+    other = "classic" if topo.queue_type == "quorum" else "quorum"
+    ch = await conn.channel()
+    try:
+        # declaring a queue exactly as it exists changes nothing
+        await ch.rpc("queue_declare", queue=queue, durable=True,
+                     arguments=partition_args(names, replace(topo, queue_type=other)))
+    except ChannelGone:
+        return _mismatch(names, queue, exc, topo)
+    await ch.close()
+    return TopologyMismatch(
+        f"controller {names.controller!r} exists on the broker with {other} queues ({queue}), "
+        f"not --queue-type {topo.queue_type}; use --queue-type {other}, or delete exchange "
+        f"{names.exchange} and its queues to start over")
+
+
 async def _exists(conn: Connection, kind: str, name: str) -> bool:
     ch = await conn.channel()
     try:
@@ -140,14 +158,17 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
     try:
         for i in range(p):
             q = names.partition(i, p)
+            # a queue created now holds nothing from an earlier ring (one left behind by a deleted
+            # exchange may: it gets no marker, so its first owner re-routes what it holds)
+            new_queue = fresh and not await _exists(conn, "queue", q)
             try:
                 await ch.rpc("queue_declare", queue=q, durable=True, arguments=partition_args(names, topo))
             except ChannelGone as exc:
                 if exc.reply_code == PRECONDITION_FAILED:
-                    raise _mismatch(names, q, exc, topo) from None
+                    raise await _partition_mismatch(conn, names, q, exc, topo) from None
                 raise
             await ch.rpc("queue_bind", queue=q, exchange=names.exchange, routing_key="1")
-            if fresh:  # brand-new queues hold nothing from an earlier ring
+            if new_queue:
                 await declare_clean_marker(ch, names.clean_marker(i, p))
         for t in topo.tiers_s:
             name = names.tier(t)

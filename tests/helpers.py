@@ -53,6 +53,20 @@ def delete_prefix(url: str, prefix: str) -> None:
         conn.close()
 
 
+def exists(url: str, kind: str, name: str) -> bool:
+    """Whether the exchange or queue ``name`` exists (a passive declare)."""
+    conn = _connect(url)
+    try:
+        getattr(conn.channel(), f"{kind}_declare")(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        assert exc.reply_code == 404, exc
+        return False
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 def queue_depth(url: str, queue: str) -> int:
     conn = _connect(url)
     try:

@@ -11,11 +11,9 @@ import json
 import subprocess
 import sys
 
-import pika
-import pika.exceptions
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, exists
 
 REQUIRED = ("scenario", "events", "lost", "overlaps", "events_per_s", "floor_events_per_s", "ratio", "max_rss_mb")
 
@@ -47,16 +45,3 @@ def test_saturate_smoke(amqp_url, tmp_path):
     for prefix in {p["prefix"] for p in results["pool"] + results["floor"]}:
         assert not exists(amqp_url, "exchange", f"{prefix}.bench")
         assert not exists(amqp_url, "queue", f"{prefix}.bench.p000")
-
-
-def exists(url: str, kind: str, name: str) -> bool:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        getattr(conn.channel(), f"{kind}_declare")(name, passive=True)
-        return True
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        assert exc.reply_code == 404, exc
-        return False
-    finally:
-        if conn.is_open:
-            conn.close()
