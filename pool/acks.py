@@ -24,6 +24,11 @@ class AckBatch:
     def delivered(self, tag: int) -> None:
         self._outstanding.append(tag)
 
+    def forget_newest(self, n: int) -> None:
+        """Un-record the last ``n`` deliveries (they are about to be recorded again, in order)."""
+        for _ in range(n):
+            self._outstanding.pop()
+
     def done(self, tag: int) -> bool:
         """Ask to ack ``tag``; True when it is the first ask since the last flush (schedule one)."""
         self._done.add(tag)

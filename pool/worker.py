@@ -177,6 +177,7 @@ class Worker:
         self._releasing: set[asyncio.Task[None]] = set()
         self._started = wall()
         self._joined = False  # listened for peers; may take partitions
+        self._served = False  # this session reached "ready" (resets the reconnect backoff)
         self._conns: list[Connection] = []
         self._known_exchanges = {c.exchange for c in self.ctls}
         self._stop = asyncio.Event()
@@ -205,13 +206,15 @@ class Worker:
             c.controller.setup()
         backoff = RECONNECT_FIRST_S
         while not self._stop.is_set():
+            self._served = False
             try:
                 await self._session()
-                backoff = RECONNECT_FIRST_S
             except (BrokerError, ChannelGone, OSError) as exc:
                 log.warning("broker session failed: %s", exc, extra={"worker": self.index})
             finally:
                 await self._teardown()
+            if self._served:  # a session that got as far as consuming: the next outage starts afresh
+                backoff = RECONNECT_FIRST_S
             if self._stop.is_set():
                 break
             delay = backoff * (1 + JITTER * (2 * self.rand() - 1))
@@ -253,6 +256,7 @@ class Worker:
             log.info("member %s consuming %d partitions (%d members)", self.member_id, self._active_count(),
                      len(self._members.live()), extra={"worker": self.index})
             self.on_state("ready")
+            self._served = True
         stop = asyncio.ensure_future(self._stop.wait())
         lost = [consume.closed, publish.closed, self._pub.ch.closed]
         try:
@@ -516,7 +520,11 @@ class Worker:
             log.info("acquired %s: re-routing %d backlog events", part.queue, window,
                      extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
         part.held = None
-        self.stats.deliveries -= len(held)  # counted once already, when held
+        # counted once already, when held (nothing arrives unheld while held is set, so
+        # they are the newest tags); _on_message counts them again
+        self.stats.deliveries -= len(held)
+        part.unacked -= len(held)
+        part.acks.forget_newest(len(held))
         for method, props, body in held:
             self._on_message(part, ch, method, props, body)
 

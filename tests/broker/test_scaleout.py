@@ -84,8 +84,15 @@ class Cluster:
         return took
 
     def check(self, load: Load, drain_timeout: float = 90) -> list[dict[str, Any]]:
-        wait_until(lambda: backlog(self.url, self.prefix, partitions=self.partitions) == 0, drain_timeout,
-                   what="backlog drained")
+        try:
+            wait_until(lambda: backlog(self.url, self.prefix, partitions=self.partitions) == 0, drain_timeout,
+                       what="backlog drained")
+        except AssertionError as exc:  # say where the backlog sits, and who consumes there
+            out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages_ready",
+                                  "messages_unacknowledged", "consumers"], capture_output=True, text=True, timeout=60)
+            stuck = [line for line in out.stdout.splitlines() if line.startswith(self.prefix)
+                     and line.split()[1:3] != ["0", "0"]]
+            raise AssertionError(f"{exc}; queues holding messages (ready, unacked, consumers): {stuck}") from None
         for node in list(self.hosts):
             self.stop(node)
         records = read_records(str(self.rec))

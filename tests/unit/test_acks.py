@@ -64,3 +64,20 @@ def test_random_completion_orders_ack_each_tag_exactly_once():
                     acked.extend(covered)
         assert sorted(acked) == list(range(1, n + 1))
         assert len(b) == 0
+
+
+def test_deliveries_held_then_replayed_are_recorded_once():
+    # Given tags 1..3 recorded while the worker held them (guard window being measured)
+    b = AckBatch()
+    for t in (1, 2, 3):
+        b.delivered(t)
+    # When the worker replays them: forget the newest 3, then record them again as it dispatches
+    b.forget_newest(3)
+    for t in (1, 2, 3):
+        b.delivered(t)
+    assert len(b) == 3
+    # Then finishing them all still coalesces into one multiple ack, with nothing left over
+    for t in (1, 2, 3):
+        b.done(t)
+    assert b.flush() == [(3, True)]
+    assert len(b) == 0
