@@ -166,6 +166,8 @@ class Channel:
         self._pending: set[asyncio.Future[Any]] = set()
         self._open = False
         self.closed: asyncio.Future[ChannelGone] = asyncio.get_running_loop().create_future()
+        # the broker cancelled a consumer of this channel (its queue was deleted, ...)
+        self.cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def _ready(self) -> None:
         waiter = asyncio.ensure_future(self._opening)
@@ -176,7 +178,12 @@ class Channel:
         self.raw = waiter.result()
         self._open = True
         self.raw.add_on_close_callback(self._on_close)
+        self.raw.add_on_cancel_callback(self._on_cancel)
         self.conn.closed.add_done_callback(lambda f: self._fail_all(f.result()))
+
+    def _on_cancel(self, frame: Any) -> None:
+        if not self.cancelled.done():
+            self.cancelled.set_result(frame.method.consumer_tag)
 
     def _on_close(self, _ch: Any, reason: BaseException) -> None:
         self._fail_all(_gone(reason))

@@ -178,6 +178,8 @@ class Worker:
         self._started = wall()
         self._joined = False  # listened for peers; may take partitions
         self._served = False  # this session reached "ready" (resets the reconnect backoff)
+        # set when a partition loses its consumer while the connection stays up (see _partition_lost)
+        self._session_lost: asyncio.Future[ChannelGone] | None = None
         self._conns: list[Connection] = []
         self._known_exchanges = {c.exchange for c in self.ctls}
         self._stop = asyncio.Event()
@@ -238,6 +240,7 @@ class Worker:
         self._conns.append(publish)
         self._pub = await publish.confirm_channel()
         self._consume_conn = consume
+        self._session_lost = asyncio.get_running_loop().create_future()
         self._connected = True
         self._members = MemberTable(self.settings.worker.member_timeout_s, self.clock)
         self._hb_ch = await consume.channel()
@@ -253,12 +256,14 @@ class Worker:
             self._joined = True
             self._rebalance()
             await self._settled()
+            if self._session_lost.done():
+                raise self._session_lost.result()
             log.info("member %s consuming %d partitions (%d members)", self.member_id, self._active_count(),
                      len(self._members.live()), extra={"worker": self.index})
             self.on_state("ready")
             self._served = True
         stop = asyncio.ensure_future(self._stop.wait())
-        lost = [consume.closed, publish.closed, self._pub.ch.closed]
+        lost = [consume.closed, publish.closed, self._pub.ch.closed, self._session_lost]
         try:
             done, _ = await asyncio.wait([stop, *lost], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -267,6 +272,8 @@ class Worker:
             await self._drain()
             return
         stop.cancel()
+        if self._session_lost.done():
+            raise self._session_lost.result()
         reason = next(f.result() for f in lost if f.done())
         raise ChannelGone(reason.reply_code, f"connection lost: {reason.reply_text}")
 
@@ -343,8 +350,25 @@ class Worker:
 
     def _task_done(self, task: asyncio.Task[None], bucket: set[asyncio.Task[None]]) -> None:
         bucket.discard(task)
-        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), ChannelGone):
-            log.error("partition task failed: %s", task.exception(), extra={"worker": self.index})
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, ChannelGone):
+            log.error("partition task failed: %s", exc, extra={"worker": self.index})
+            if isinstance(exc, BrokerError) and self._session_lost is not None and not self._session_lost.done():
+                # e.g. a partition queue that does not exist: retry the whole session with backoff
+                self._session_lost.set_result(ChannelGone(0, str(exc)))
+
+    def _partition_lost(self, part: Partition, ch: Channel, session: asyncio.Future[ChannelGone], why: str) -> None:
+        """The broker closed a partition's channel or cancelled its consumer, the connection being fine.
+
+        The partition would otherwise stay "owned" with nothing consuming it. Start over the way
+        a connection loss does (in-flight reconciles cancelled, every delivery back to the broker,
+        reconnect, re-acquire): one well-trodden path keeps G1, where patching up one partition
+        while its keys may still be in flight would not."""
+        if session.done() or part.ch is not ch or part.releasing or self._stop.is_set() or ch.conn.closed.done():
+            return  # a release, a drain or a lost connection closed it; or the session is ending anyway
+        log.warning("partition %s lost its consumer (%s); reconnecting", part.queue, why,
+                    extra={"worker": self.index, "partition": part.index, "controller": part.ctl.name})
+        session.set_result(ChannelGone(0, f"partition {part.queue}: {why}"))
 
     async def _drain(self) -> None:
         self.on_state("draining")
@@ -400,6 +424,12 @@ class Worker:
                                  exclusive=not self._quorum)
                 self.stats.acquisitions += 1
                 self.metrics.handover(ctl.name, "acquired")
+                session = self._session_lost
+                assert session is not None
+                ch.closed.add_done_callback(
+                    lambda f, ch=ch: self._partition_lost(part, ch, session, f"channel closed: {f.result()}"))
+                ch.cancelled.add_done_callback(
+                    lambda f, ch=ch: self._partition_lost(part, ch, session, "consumer cancelled by the broker"))
                 if part.guarding:
                     await self._measure_guard(part, ch)
                 return

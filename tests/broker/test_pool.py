@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.ctl_fixtures import overlaps, read_records
-from tests.helpers import Pool, get_all, publish_many, queue_depth, wait_until
+from tests.helpers import ROOT, Pool, get_all, publish_many, queue_depth, wait_until
 from tests.load import PARTITIONS, Load, assert_none_lost, backlog, ok_records
 
 @pytest.fixture
@@ -339,3 +341,38 @@ def test_sighup_rolls_workers_one_at_a_time_without_loss(amqp_url, prefix, tmp_p
     records = read_records(str(rec_dir))
     assert overlaps(records) == []
     assert_none_lost(records, load.per_key)
+
+
+@pytest.mark.timeout(180)
+def test_a_partition_that_loses_its_consumer_is_consumed_again(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool of 2 workers consuming every partition
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        # When an operator deletes one partition queue (the broker cancels its consumer; the
+        # worker's connection stays up) and then re-creates it with `ctlpool topology`
+        import pika
+
+        victim = f"{prefix}.rec.p001"
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            conn.channel().queue_delete(victim)
+        finally:
+            conn.close()
+        time.sleep(2.0)  # the worker notices, and retries the missing queue a few times
+        made = subprocess.run([sys.executable, "-m", "pool.cli", "topology", "rec", "--prefix", prefix,
+                               "--partitions", str(PARTITIONS)], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT, env={**os.environ, "CTLPOOL_AMQP_URL": amqp_url})
+        assert made.returncode == 0, made.stderr
+        # And events are published to keys of every partition
+        events = [(f"k{i}", {"n": 1}) for i in range(400)]
+        publish_many(amqp_url, prefix, "rec", events)
+        # Then every event is reconciled, the re-created partition's included
+        wait_until(lambda: backlog(amqp_url, prefix) == 0 and len({r["k"] for r in ok_records(
+            read_records(str(rec_dir)))}) == 400, 60, what="all 400 keys reconciled")
+        assert queue_depth(amqp_url, victim) == 0
+        # And the worker said what happened
+        assert any("lost its consumer (consumer cancelled by the broker)" in line.get("msg", "")
+                   for line in pool.logs())
+    finally:
+        assert pool.stop() == 0
