@@ -55,6 +55,7 @@ SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking p
 RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
 ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
 JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
+MISSING_LOG_S = 30.0  # a missing partition queue is retried every heartbeat, logged this often
 
 
 class _Ctl:
@@ -180,6 +181,7 @@ class Worker:
         self._served = False  # this session reached "ready" (resets the reconnect backoff)
         # set when a partition loses its consumer while the connection stays up (see _partition_lost)
         self._session_lost: asyncio.Future[ChannelGone] | None = None
+        self._missing_logged: dict[str, float] = {}  # partition queue -> when we last said it is missing
         self._conns: list[Connection] = []
         self._known_exchanges = {c.exchange for c in self.ctls}
         self._stop = asyncio.Event()
@@ -353,9 +355,6 @@ class Worker:
         exc = None if task.cancelled() else task.exception()
         if exc is not None and not isinstance(exc, ChannelGone):
             log.error("partition task failed: %s", exc, extra={"worker": self.index})
-            if isinstance(exc, BrokerError) and self._session_lost is not None and not self._session_lost.done():
-                # e.g. a partition queue that does not exist: retry the whole session with backoff
-                self._session_lost.set_result(ChannelGone(0, str(exc)))
 
     def _partition_lost(self, part: Partition, ch: Channel, session: asyncio.Future[ChannelGone], why: str) -> None:
         """The broker closed a partition's channel or cancelled its consumer, the connection being fine.
@@ -435,7 +434,15 @@ class Worker:
                 return
             except ChannelGone as exc:
                 if exc.reply_code == NOT_FOUND:
-                    raise BrokerError(f"partition queue {part.queue} does not exist; run 'ctlpool topology {ctl.name}'") from None
+                    # deleted under us: serve the other partitions; the membership tick tries again
+                    self._parts.pop((ci, index), None)
+                    now = self.clock()
+                    if now - self._missing_logged.get(part.queue, -1e9) >= MISSING_LOG_S:
+                        self._missing_logged[part.queue] = now
+                        log.error("partition queue %s does not exist; run 'ctlpool topology %s' (retrying)",
+                                  part.queue, ctl.name, extra={"worker": self.index, "partition": index,
+                                                               "controller": ctl.name})
+                    return
                 # 403: another exclusive consumer (classic) still holds it; try again shortly
                 log.info("partition %s busy (%s); retrying", part.queue, exc, extra={"worker": self.index})
                 await asyncio.sleep(ACQUIRE_RETRY_S)
