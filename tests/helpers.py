@@ -41,7 +41,10 @@ def _connect(url: str, tries: int = 3) -> pika.BlockingConnection:
 
 
 def delete_prefix(url: str, prefix: str) -> None:
-    queues, exchanges = list_names(prefix)
+    delete(url, *list_names(prefix))
+
+
+def delete(url: str, queues: list[str], exchanges: list[str]) -> None:
     conn = _connect(url)
     try:
         ch = conn.channel()
@@ -51,6 +54,13 @@ def delete_prefix(url: str, prefix: str) -> None:
             ch.exchange_delete(e)
     finally:
         conn.close()
+
+
+def ctlpool_cli(url: str, *args: str, stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    """``ctlpool ARGS`` as an operator runs it: a subprocess, the broker URL from the environment."""
+    env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pool.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, stdin=stdin)
 
 
 def exists(url: str, kind: str, name: str) -> bool:

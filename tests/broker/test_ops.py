@@ -28,7 +28,7 @@ import pytest
 
 from pool.worker import Worker
 from tests.ctl_fixtures import read_records
-from tests.helpers import ROOT, Pool, publish_many, queue_depth, wait_until
+from tests.helpers import ROOT, Pool, ctlpool_cli, publish_many, queue_depth, wait_until
 
 PARTITIONS = 8
 WATCHDOG_USEC = 1_000_000  # 1 s: the supervisor pings every ~0.5 s
@@ -350,12 +350,6 @@ class TlsProxy:
         self.thread.join(5)
 
 
-def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pool.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
@@ -372,19 +366,19 @@ def test_amqps_with_ca_and_client_certificate(amqp_url, prefix, tmp_path, rec_di
            "--tls-key-file", str(certs / "client.key"))
     try:
         # When a command connects with the CA and the client certificate
-        r = cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS), *tls)
+        r = ctlpool_cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS), *tls)
         # Then it works
         assert r.returncode == 0, r.stderr
         # When the client certificate is missing
-        r = cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS), *tls[:2])
+        r = ctlpool_cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS), *tls[:2])
         # Then the broker is unavailable (69), said in one line, password redacted
         assert r.returncode == 69
         assert f"amqps://guest:***@localhost:{proxy.port}" in r.stderr and ":guest@" not in r.stderr
         # When the CA does not vouch for the broker (the system CAs don't know this one)
-        r = cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS))
+        r = ctlpool_cli(tls_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS))
         assert r.returncode == 69 and "CERTIFICATE_VERIFY_FAILED" in r.stderr
         # When TLS files are given with a plain amqp:// URL, that is a configuration error
-        r = cli(amqp_url, "topology", "rec", "--prefix", prefix, *tls)
+        r = ctlpool_cli(amqp_url, "topology", "rec", "--prefix", prefix, *tls)
         assert r.returncode == 2 and "need an amqps:// broker URL" in r.stderr
 
         # When a whole pool runs over amqps (its workers inherit the TLS settings)

@@ -12,7 +12,6 @@ import json
 import os
 import pty
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from pool.settings import BrokerSettings, TopologySettings
 from tests.ctl_fixtures import Recorder, read_records
-from tests.helpers import ROOT, Pool, publish_many, queue_depth, wait_until
+from tests.helpers import Pool, ctlpool_cli, publish_many, queue_depth, wait_until
 
 PARTITIONS = 4
 
@@ -36,9 +35,7 @@ class Healed(Recorder):
 
 
 def parked_cli(url: str, prefix: str, *args: str, stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pool.cli", "parked", *args, "--prefix", prefix],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=stdin)
+    return ctlpool_cli(url, "parked", *args, "--prefix", prefix, stdin=stdin)
 
 
 def listed(url: str, prefix: str, *args: str) -> list[dict[str, Any]]:

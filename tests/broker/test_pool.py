@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.ctl_fixtures import overlaps, read_records
-from tests.helpers import ROOT, Pool, get_all, publish_many, queue_depth, wait_until
+from tests.helpers import Pool, ctlpool_cli, delete, get_all, publish_many, queue_depth, wait_until
 from tests.load import PARTITIONS, Load, assert_none_lost, backlog, ok_records
 
 @pytest.fixture
@@ -351,14 +349,8 @@ def test_a_partition_that_loses_its_consumer_is_consumed_again(amqp_url, prefix,
         pool.wait_ready()
         # When an operator deletes one partition queue (the broker cancels its consumer; the
         # worker's connection stays up) and then re-creates it with `ctlpool topology`
-        import pika
-
         victim = f"{prefix}.rec.p001"
-        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        try:
-            conn.channel().queue_delete(victim)
-        finally:
-            conn.close()
+        delete(amqp_url, [victim], [])
         time.sleep(2.0)  # the worker notices, restarts its session, finds the queue missing
 
         def reconciled(keys: set[str]) -> bool:
@@ -369,9 +361,7 @@ def test_a_partition_that_loses_its_consumer_is_consumed_again(amqp_url, prefix,
         publish_many(amqp_url, prefix, "rec", [(f"a{i}", {"n": 1}) for i in range(200)])
         wait_until(lambda: reconciled({f"a{i}" for i in range(200)}), 60, what="keys reconciled meanwhile")
         assert any("does not exist" in line.get("msg", "") for line in pool.logs())
-        made = subprocess.run([sys.executable, "-m", "pool.cli", "topology", "rec", "--prefix", prefix,
-                               "--partitions", str(PARTITIONS)], capture_output=True, text=True, timeout=60,
-                              cwd=ROOT, env={**os.environ, "CTLPOOL_AMQP_URL": amqp_url})
+        made = ctlpool_cli(amqp_url, "topology", "rec", "--prefix", prefix, "--partitions", str(PARTITIONS))
         assert made.returncode == 0, made.stderr
         # And once it is re-created, events of every partition are reconciled, its own included
         publish_many(amqp_url, prefix, "rec", [(f"b{i}", {"n": 1}) for i in range(200)])

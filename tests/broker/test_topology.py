@@ -9,20 +9,16 @@ exchange do not get one.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, Pool, exists, publish_many, queue_depth
+from tests.helpers import Pool, ctlpool_cli, delete, exists, publish_many, queue_depth
 
 CONTROLLER = "tests.ctl_fixtures:Recorder"
 
 
 def ctl(url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pool.cli", *args, "--prefix", prefix], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env={**{k: v for k, v in os.environ.items() if not k.startswith("CTLPOOL_")},
-                                                 "CTLPOOL_AMQP_URL": url})
+    return ctlpool_cli(url, *args, "--prefix", prefix)
 
 
 def test_a_topology_that_differs_from_the_flags_is_refused(amqp_url, prefix, tmp_path: Path):
@@ -79,15 +75,7 @@ def test_fresh_partitions_are_marked_clean_and_leftover_queues_are_not(amqp_url,
     assert all(exists(amqp_url, "exchange", m) for m in markers)
 
     # When the exchange and the markers are deleted but the queues are left behind
-    import pika
-
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        ch = conn.channel()
-        for name in [f"{prefix}.rec", *markers]:
-            ch.exchange_delete(name)
-    finally:
-        conn.close()
+    delete(amqp_url, [], [f"{prefix}.rec", *markers])
     # And the controller is declared again
     assert ctl(amqp_url, prefix, "topology", "rec", "--partitions", "4").returncode == 0
     # Then the exchange is back, but the leftover partitions are not called clean: they may hold
