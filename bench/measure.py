@@ -60,6 +60,7 @@ class Phase:
     cpu_us_per_event: float = 0.0
     max_rss_mb: float = 0.0
     rerouted: int = 0
+    pinned: bool | None = None  # pool: every worker pinned to one CPU (``--pin``; auto: not next to the broker)
     p50_ms: float | None = None
     p90_ms: float | None = None
     p99_ms: float | None = None
@@ -141,6 +142,7 @@ def _figures(consumer: Any, target: Target, load: Load, sent: Sent, acc: Account
         ph.parked = broker.depths(target.url, [target.names.parked])[target.names.parked]
         ph.max_rss_mb = round(consumer.max_rss_mb, 1)
         ph.rerouted = consumer.rerouted()
+        ph.pinned = consumer.pinned
         ph.errors += consumer.errors()
         ph.reconciles_per_key = _reconciles_per_key(consumer.reader.records)
     ph.lost = max(0, ph.published - ph.covered - ph.parked)

@@ -60,6 +60,7 @@ class PoolProcess:
         self.reader = RecordReader(str(self.record_dir))
         self.proc: subprocess.Popen[bytes] | None = None
         self.max_rss_mb = 0.0
+        self.pinned: bool | None = None
         self._workers: list[psutil.Process] = []
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> int:
@@ -90,6 +91,7 @@ class PoolProcess:
                 if b"workers ready" in line:
                     ready = time.monotonic_ns()
                     self._workers = psutil.Process(self.proc.pid).children()
+                    self.pinned = all(len(w.cpu_affinity()) == 1 for w in self._workers)
                     return ready
             seen += len(text) - len(text.rsplit(b"\n", 1)[-1])
             time.sleep(0.02)

@@ -86,8 +86,9 @@ class PoolSettings:
     """``module:Class`` references of the controllers to run."""
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     """Worker processes on this host; defaults to the usable CPUs."""
-    pin: bool = True
-    """Pin worker i to the i-th usable CPU (wrapping around)."""
+    pin: bool | None = None
+    """Pin worker i to the i-th usable CPU (wrapping around); None (auto): unless the broker runs
+    on this host (``pool.pinning``)."""
     node_id: str = field(default_factory=socket.gethostname)
     """This host's name among the members; must be unique per host."""
     weight: float = 1.0
@@ -155,6 +156,15 @@ def _bool(v: Any) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise ValueError("expected true or false")
+
+
+def _pin(v: Any) -> bool | None:
+    if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+        return None
+    try:
+        return _bool(v)
+    except ValueError:
+        raise ValueError("expected auto, true or false") from None
 
 
 def _choice(*allowed: str) -> Callable[[Any], str]:
@@ -262,7 +272,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("controllers", None, "controllers", _controllers, "controllers to run, MODULE:CLASS[,MODULE:CLASS...]", "REFS"),
     Option("workers", None, "workers", _positive_int, "worker processes (default: usable CPUs)", "N"),
-    Option("pin", None, "pin", _bool, "pin workers to CPUs (true/false; --no-pin = false)", "BOOL"),
+    Option("pin", None, "pin", _pin, "pin workers to CPUs: auto (default: unless the broker runs on this host), true or false; --no-pin = false", "MODE"),
     Option("node-id", None, "node_id", _name, "this host's member name (default: hostname)", "ID"),
     Option("weight", None, "weight", _positive_float, "relative share of partitions per worker (default 1)", "W"),
     Option("log-format", None, "log_format", _choice("json", "text"), "json (default) or text", "FMT"),

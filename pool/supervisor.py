@@ -1,7 +1,7 @@
-"""The supervisor process: fork CPU-pinned workers, keep them alive, drain on signals.
+"""The supervisor process: fork workers (CPU-pinned where that helps), keep them alive, drain on signals.
 
 Data flow: ``Supervisor.run`` forks one process per worker slot (``worker_main``), each
-pinned to a usable CPU, and then waits on the workers' sentinels, their status pipes
+pinned to a usable CPU unless the broker runs on this host (``pool.pinning``), and then waits on the workers' sentinels, their status pipes
 and a self-pipe woken by signals:
 
 - a worker that dies (any cause, SIGKILL included) is restarted after a backoff that
@@ -42,6 +42,7 @@ from typing import Any, Callable
 from .errors import ConfigError
 from .metrics import METRICS_TAG, Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
 from .notify import Notifier, forget_env
+from .pinning import decide, local_facts
 from .settings import PoolSettings
 
 log = logging.getLogger("ctlpool.supervisor")
@@ -164,7 +165,9 @@ class Supervisor:
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.metrics = Aggregate()
         cpus = usable_cpus()
-        self.slots = [_Slot(i, cpus[i % len(cpus)] if settings.pin else None) for i in range(settings.workers)]
+        facts = local_facts(settings.broker.amqp_url) if settings.pin is None else None
+        self.pinned, self._pin_why = decide(settings.pin, facts)
+        self.slots = [_Slot(i, cpus[i % len(cpus)] if self.pinned else None) for i in range(settings.workers)]
         self.restarts = 0
         self._ctx = multiprocessing.get_context("fork")
         self._signals: list[int] = []
@@ -272,6 +275,7 @@ class Supervisor:
         server: MetricsServer | None = None
         try:
             preload_worker_code()
+            log.info("workers %s: %s", "pinned to CPUs" if self.pinned else "not pinned", self._pin_why)
             server = self._start_metrics_server()
             for slot in self.slots:
                 self._start(slot)

@@ -373,3 +373,31 @@ def test_a_partition_that_loses_its_consumer_is_consumed_again(amqp_url, prefix,
                    for line in pool.logs())
     finally:
         assert pool.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_workers_are_pinned_only_when_the_broker_is_elsewhere(amqp_url, prefix, tmp_path, rec_dir):
+    # Given the broker on this host (the test broker is local)
+    import psutil
+
+    from pool.supervisor import usable_cpus
+    cpus = usable_cpus()
+    affinities: dict[str, list[list[int]]] = {}
+    for mode in ("auto", "true"):
+        # When the pool starts with --pin auto (the default), then with --pin true
+        args = () if mode == "auto" else ("--pin", "true")
+        pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, *args, log_name=f"pool-{mode}.log").start()
+        try:
+            pool.wait_ready()
+            affinities[mode] = sorted(psutil.Process(pid).cpu_affinity() for pid in pool.worker_pids())
+        finally:
+            assert pool.stop() == 0
+        msgs = [e["msg"] for e in pool.logs()]
+        if mode == "auto":
+            # Then auto leaves the workers free to use every CPU, and says why
+            assert any(m.startswith("workers not pinned: the broker runs on this host") for m in msgs), msgs
+            assert affinities[mode] == [cpus, cpus]
+        else:
+            # and --pin true pins worker i to the i-th usable CPU
+            assert "workers pinned to CPUs: --pin true" in msgs, msgs
+            assert affinities[mode] == sorted([[cpus[0]], [cpus[1 % len(cpus)]]])

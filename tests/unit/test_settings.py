@@ -247,6 +247,12 @@ def test_booleans_take_the_usual_spellings(raw: str, expected: bool) -> None:
     assert settings_from(flags={"reroute-on-acquire": raw}).worker.reroute_on_acquire is expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("auto", None), ("AUTO", None), ("true", True), ("off", False)])
+def test_pin_is_auto_true_or_false(raw: str, expected: bool | None) -> None:
+    assert settings_from(flags={"pin": raw}).pin is expected
+    assert settings_from(env={"CTLPOOL_PIN": raw}).pin is expected
+
+
 def test_controllers_split_on_commas() -> None:
     # Given two controller refs with spaces and a trailing comma
     # When resolved
