@@ -1,8 +1,8 @@
 """The supervisor process: fork workers (CPU-pinned where that helps), keep them alive, drain on signals.
 
 Data flow: ``Supervisor.run`` forks one process per worker slot (``worker_main``), each
-pinned to a usable CPU unless the broker runs on this host (``pool.pinning``), and then waits on the workers' sentinels, their status pipes
-and a self-pipe woken by signals:
+pinned to a usable CPU unless the broker runs on this host (``pool.pinning``), and then
+waits on the workers' sentinels, their status pipes and a self-pipe woken by signals:
 
 - a worker that dies (any cause, SIGKILL included) is restarted after a backoff that
   doubles with its recent deaths; ``CRASH_LOOP_DEATHS`` deaths of one slot within

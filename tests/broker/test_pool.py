@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from pool.supervisor import usable_cpus
 from tests.ctl_fixtures import overlaps, read_records
 from tests.helpers import Pool, ctlpool_cli, delete, get_all, publish_many, queue_depth, wait_until
 from tests.load import PARTITIONS, Load, assert_none_lost, backlog, ok_records
@@ -378,9 +380,6 @@ def test_a_partition_that_loses_its_consumer_is_consumed_again(amqp_url, prefix,
 @pytest.mark.timeout(120)
 def test_workers_are_pinned_only_when_the_broker_is_elsewhere(amqp_url, prefix, tmp_path, rec_dir):
     # Given the broker on this host (the test broker is local)
-    import psutil
-
-    from pool.supervisor import usable_cpus
     cpus = usable_cpus()
     affinities: dict[str, list[list[int]]] = {}
     for mode in ("auto", "true"):
