@@ -159,7 +159,7 @@ def _bool(v: Any) -> bool:
 
 
 def _pin(v: Any) -> bool | None:
-    if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+    if isinstance(v, str) and v.strip().lower() == "auto":
         return None
     try:
         return _bool(v)
