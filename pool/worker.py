@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import pika
 
-from . import codec
+from . import codec, eager
 from .acks import AckBatch
 from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
 from . import membership
@@ -687,7 +687,8 @@ class Worker:
                 part = d.part
                 part.dispatched += 1
                 part.idle.clear()
-            task = self._loop.create_task(self._reconcile(ctl, key, items, now))  # type: ignore[union-attr]
+            # first step at once: a reconcile with nothing to await finishes inside this callback
+            task = eager.start(self._loop, self._reconcile(ctl, key, items, now))  # type: ignore[arg-type]
             self._tasks[task] = now + self._timeout_s
             task.add_done_callback(self._forget_task)
 
