@@ -21,6 +21,7 @@ import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from . import wire
 from .codec import CONTENT_TYPE, H_SEQ
 from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, Unroutable
 from .settings import redact_url
@@ -153,6 +154,7 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
             except pika.exceptions.AMQPError:
                 pass
         raise
+    wire.coalesce(raw._transport, loop)  # one send per loop iteration, not one per frame
     return Connection(raw, closed)
 
 
