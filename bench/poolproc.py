@@ -76,8 +76,11 @@ class PoolProcess:
         env = {**os.environ, "CTLPOOL_AMQP_URL": t.url, "BENCH_RECORD_DIR": str(self.record_dir),
                "BENCH_SLEEP_MS": str(o.sleep_ms), "PYTHONPATH": path}
         with open(self.log_path, "wb") as log:  # a fresh log: "ready" and re-route counts are per run
+            # its own process group (killpg at clean-up; the terminal's Ctrl-C goes to the bench,
+            # which drains it), but the bench's session: the kernel's autogroup scheduling shares CPU
+            # per session, and the floor's processes are in this one too
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=True)
+                                         process_group=0)
         deadline = time.monotonic() + timeout_s
         seen = 0
         while time.monotonic() < deadline:
