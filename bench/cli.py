@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--events", type=int, help="events per measured load (scenario default)")
     g.add_argument("--duration-s", type=float, help="latency: seconds of paced load (default 20; sweep: 4)")
     g.add_argument("--rate", type=float, help="latency, sweep: events/s in total (default 2000)")
+    g.add_argument("--warmup-s", type=float, default=1.0,
+                   help="latency: seconds of paced load before --duration-s whose events are reconciled and "
+                        "counted but whose latencies are reported apart (default 1; 0: none)")
     g.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     g.add_argument("--keys", type=int, default=10_000, help="distinct item keys (default 10000)")
     g.add_argument("--skew", type=float, default=1.1, help="hotkeys: Zipf exponent (default 1.1)")
@@ -96,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             print(f"python -m bench: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return EXIT_USAGE
+    if args.warmup_s < 0:
+        print("python -m bench: --warmup-s must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
     out: Path = args.out or Path("out") / "bench" / args.scenario
     out.mkdir(parents=True, exist_ok=True)
     # SIGTERM (a CI timeout) unwinds like Ctrl-C: pools drained, publishers killed, prefixes deleted
@@ -116,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    concurrency=args.concurrency, partitions=args.partitions, queue_type=args.queue_type,
                    publishers=args.publishers, keys=args.keys, rounds=args.rounds, plots=not args.no_plots,
                    keep_records=args.keep_records, events=args.events, duration_s=args.duration_s, rate=args.rate,
+                   warmup_s=args.warmup_s,
                    skew=args.skew, sleep_ms=args.sleep_ms, prefetch_grid=args.prefetch_grid,
                    concurrency_grid=args.concurrency_grid, counts=args.counts, scale_load=args.scale_load)
     try:

@@ -6,7 +6,8 @@ uvloop loop, one connection, one channel per queue with ``basic_qos(prefetch)``,
 (``exclusive`` on classic queues, as the pool does; quorum partitions are single-active-
 consumer already). Per delivery: decode the body with the same msgspec type the bench
 controller uses, ``basic_ack`` it alone, count it in a 100 ms completion bucket (and, for
-the latency scenario, keep ack time minus the publish time the event carried). No work
+the latency scenario, keep ack time minus the publish time the event carried, and that publish
+time). No work
 queue, no confirms, no framework.
 
 Every ``REPORT_S`` a process writes its count and its CPU time into shared arrays (the
@@ -48,6 +49,7 @@ class BareConsumer:
         self.n = 0
         self.last_ns = 0
         self.latencies_ns: list[int] | None = [] if latency else None
+        self.published_ns: list[int] = []
         self.raw: Any = None
 
     def on_message(self, ch: Any, method: Any, _props: Any, body: bytes) -> None:
@@ -56,6 +58,7 @@ class BareConsumer:
         now = time.monotonic_ns()
         if self.latencies_ns is not None:
             self.latencies_ns.append(now - event.t)
+            self.published_ns.append(event.t)
         b = now // BUCKET_NS
         self.buckets[b] = self.buckets.get(b, 0) + 1
         self.n += 1
@@ -109,7 +112,7 @@ def _floor_main(url: str, queues: list[str], prefetch: int, exclusive: bool, lat
             await asyncio.sleep(REPORT_S)
         counter[index] = consumer.n
         await consumer.close()
-        conn.send(("done", consumer.buckets, consumer.last_ns, consumer.latencies_ns or []))
+        conn.send(("done", consumer.buckets, consumer.last_ns, consumer.latencies_ns or [], consumer.published_ns))
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -190,10 +193,11 @@ class Floor:
                     msg = ("error", f"floor consumer {i} died (exit {p.exitcode})")
             if msg[0] != "done":
                 raise RuntimeError(msg[1])
-            _, buckets, last, latencies_ns = msg
+            _, buckets, last, latencies_ns, published_ns = msg
             for b, c in buckets.items():
                 acc.buckets[b] = acc.buckets.get(b, 0) + c
             acc.latencies_ms.extend(ns / 1e6 for ns in latencies_ns)
+            acc.published_ns.extend(published_ns)
             acc.last_end_ns = max(acc.last_end_ns, last)
             p.join(10)
         acc.first_end_ns = min((b * BUCKET_NS for b in acc.buckets), default=0)

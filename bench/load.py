@@ -46,6 +46,8 @@ class Load:
     """Zipf exponent of key popularity; ``None``: every key in turn."""
     preload: bool = False
     """Publish everything before the consumers start (a backlog to drain)."""
+    warmup_s: float = 0.0
+    """Latency percentiles leave out events published in the first this many seconds (reported apart)."""
 
 
 @dataclass

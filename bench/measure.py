@@ -11,7 +11,8 @@ Data flow of ``run_phase``:
 4. ``consumer.collect()`` turns what it recorded into an ``Accounting``; this module
    derives the figures (``Phase``): steady-window throughput (the middle ``1 - 2*TRIM`` of
    the publishing interval) for a live load, drain throughput (events / time from ready to
-   the last completion) for a preloaded one, CPU per event, latencies, lost, overlaps.
+   the last completion) for a preloaded one, CPU per event, latencies (those of events
+   published in the first ``load.warmup_s`` apart), lost, overlaps.
 
 The consumer is duck-typed: ``start() -> ready ns``, ``started``, ``begin()``, ``done() ->
 events covered``, ``cpu_s()``, ``sample()``, ``collect() -> Accounting`` — ``PoolProcess``
@@ -28,7 +29,7 @@ from . import broker
 from .broker import Target
 from .load import Load, Publishers, Sent
 from .progress import Progress
-from .records import BUCKET_NS, Accounting, percentile
+from .records import BUCKET_NS, Accounting, percentile, split_warmup
 
 TICK_S = 0.1
 RSS_EVERY_TICKS = 5  # psutil reads cost the 2-core box a little CPU; twice a second is plenty
@@ -65,6 +66,10 @@ class Phase:
     p90_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
+    warmup_s: float = 0.0  # events published this long after the first were left out of p50..max
+    warmup_p50_ms: float | None = None  # ... and are these figures instead
+    warmup_p99_ms: float | None = None
+    warmup_max_ms: float | None = None
     errors: list[str] = field(default_factory=list)
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (s since start, events/s)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -163,11 +168,15 @@ def _figures(consumer: Any, target: Target, load: Load, sent: Sent, acc: Account
             ph.events_per_s = ph.covered / ph.elapsed_s  # a load too short for a steady window
         ph.kept_up = sent.published - done_at_publish_end < KEPT_UP * max(sent.published, 1)
     ph.timeline = _timeline(acc.buckets, t0)
-    lat = sorted(acc.latencies_ms)
+    lat, warm = split_warmup(acc.latencies_ms, acc.published_ns, sent.first_ns + int(load.warmup_s * 1e9))
     if lat and not load.preload:
         ph.latencies_ms = lat
         ph.p50_ms, ph.p90_ms, ph.p99_ms = (round(percentile(lat, q), 2) for q in (50, 90, 99))
         ph.max_ms = round(lat[-1], 2)
+    if warm and not load.preload:
+        ph.warmup_s = load.warmup_s
+        ph.warmup_p50_ms, ph.warmup_p99_ms = (round(percentile(warm, q), 2) for q in (50, 99))
+        ph.warmup_max_ms = round(warm[-1], 2)
     ph.events_per_s = round(ph.events_per_s, 1)
     ph.publish_per_s = round(ph.publish_per_s, 1)
     return ph

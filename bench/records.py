@@ -130,6 +130,7 @@ class Accounting:
     duplicates: int = 0  # deliveries covered twice (redeliveries); 0 in a clean run
     overlaps: int = 0  # reconciles that started before an earlier one of the same key ended
     latencies_ms: list[float] = field(default_factory=list)  # end - published, per reconcile
+    published_ns: list[int] = field(default_factory=list)  # the publish time of each latency above
     buckets: dict[int, int] = field(default_factory=dict)  # completion bucket -> events covered
     first_end_ns: int = 0
     last_end_ns: int = 0
@@ -141,7 +142,7 @@ def account(records: array, want_latency: bool = True) -> Accounting:
     ranges: dict[int, list[tuple[int, int]]] = {}
     spans: dict[int, list[tuple[int, int]]] = {}
     buckets = acc.buckets
-    lat = acc.latencies_ms
+    lat, pub = acc.latencies_ms, acc.published_ns
     first, last = 0, 0
     it = iter(records)
     for key, n, c, s, e, t in zip(it, it, it, it, it, it):
@@ -151,6 +152,7 @@ def account(records: array, want_latency: bool = True) -> Accounting:
         buckets[b] = buckets.get(b, 0) + c
         if want_latency:
             lat.append((e - t) / 1e6)
+            pub.append(t)
         if not first or e < first:
             first = e
         if e > last:
@@ -184,6 +186,13 @@ def count_overlaps(spans: dict[int, list[tuple[int, int]]]) -> int:
             if e > end:
                 end = e
     return bad
+
+
+def split_warmup(latencies_ms: list[float], published_ns: list[int], cut_ns: int) -> tuple[list[float], list[float]]:
+    """Latencies of events published from ``cut_ns`` on and of those before it (the warm-up), each sorted."""
+    steady = sorted(x for x, t in zip(latencies_ms, published_ns) if t >= cut_ns)
+    warm = sorted(x for x, t in zip(latencies_ms, published_ns) if t < cut_ns)
+    return steady, warm
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

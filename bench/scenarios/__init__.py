@@ -10,7 +10,7 @@ SCENARIOS = {"saturate": saturate, "drain": drain, "latency": latency, "hotkeys"
 HELP = {
     "saturate": "pool vs floor, publishers flat out: steady events/s and pool/floor",
     "drain": "pool vs floor on a preloaded backlog: time to empty, guard re-routes",
-    "latency": "paced load (--rate, --duration-s): publish -> reconcile finished p50/p90/p99/max",
+    "latency": "paced load (--rate, --warmup-s, --duration-s): publish -> reconcile finished p50/p90/p99/max",
     "hotkeys": "Zipf keys (--skew), slow controller (--sleep-ms): coalescing, per-key exclusivity",
     "sweep": "prefetch x concurrency grid: throughput and p99 heatmaps, a recommended setting",
     "scale": "pool vs floor at 1..--workers processes",

@@ -43,6 +43,7 @@ class Options:
     events: int | None = None
     duration_s: float | None = None
     rate: float | None = None
+    warmup_s: float = 0.0
     skew: float = 1.1
     sleep_ms: float | None = None  # Sleepy's reconcile time; None: the scenario's default
     prefetch_grid: tuple[int, ...] = (10, 50, 200)
