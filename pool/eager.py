@@ -29,6 +29,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 _NATIVE = sys.version_info >= (3, 12)
+_enter_task, _leave_task = asyncio.tasks._enter_task, asyncio.tasks._leave_task
 
 
 class _Resume(Coroutine):  # type: ignore[type-arg]
@@ -39,31 +40,19 @@ class _Resume(Coroutine):  # type: ignore[type-arg]
     def __init__(self, coro: Coroutine) -> None:  # type: ignore[type-arg]
         self._coro = coro
         self._first = True  # the task has not taken the first step's outcome yet
-        self._yielded: Any = None
+        self._yielded: Any = None  # start() fills these in from the first step
         self._result: Any = None
         self._exc: BaseException | None = None
         self._finished = False
-
-    def step(self) -> None:
-        """Run the first step now (the caller makes the task current)."""
-        try:
-            self._yielded = self._coro.send(None)
-        except StopIteration as stop:
-            self._finished, self._result = True, stop.value
-        except BaseException as exc:  # noqa: BLE001 - handed to the task, which re-raises it
-            self._finished, self._exc = True, exc
-
-    def _outcome(self) -> Any:
-        if self._exc is not None:
-            exc, self._exc = self._exc, None  # don't keep a traceback cycle alive
-            raise exc
-        raise StopIteration(self._result)
 
     def send(self, value: Any) -> Any:
         if self._first:
             self._first = False
             if self._finished:
-                self._outcome()
+                if self._exc is not None:
+                    exc, self._exc = self._exc, None  # don't keep a traceback cycle alive
+                    raise exc
+                raise StopIteration(self._result)
             return self._yielded  # the task now waits on what the first step waits on
         return self._coro.send(value)
 
@@ -99,9 +88,13 @@ def start(loop: asyncio.AbstractEventLoop, coro: Coroutine) -> asyncio.Task:  # 
     resume = _Resume(coro)
     context = contextvars.copy_context()
     task = loop.create_task(resume, context=context)  # its first step, queued, picks up the outcome
-    asyncio.tasks._enter_task(loop, task)
+    _enter_task(loop, task)
     try:
-        context.run(resume.step)
+        resume._yielded = context.run(coro.send, None)
+    except StopIteration as stop:
+        resume._finished, resume._result = True, stop.value
+    except BaseException as exc:  # noqa: BLE001 - handed to the task, which re-raises it
+        resume._finished, resume._exc = True, exc
     finally:
-        asyncio.tasks._leave_task(loop, task)
+        _leave_task(loop, task)
     return task
