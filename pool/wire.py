@@ -74,17 +74,19 @@ def coalesce(transport: Any, loop: asyncio.AbstractEventLoop) -> bool:
     pending = False
     writer_on = False  # pika's writable callback registered by us (the socket was full)
 
-    def on_writable() -> None:
-        nonlocal writer_on
-        if t._state != t._STATE_ACTIVE:
-            return
+    def send() -> bool:
+        """Send what the socket takes; False when the connection failed (pika then aborts it)."""
         try:
             _send_all(t)
         except OSError as exc:
             if exc.errno not in _AGAIN:
                 t._initiate_abort(exc)
-            return
-        if not t._tx_buffers:
+                return False
+        return True
+
+    def on_writable() -> None:
+        nonlocal writer_on
+        if t._state == t._STATE_ACTIVE and send() and not t._tx_buffers:
             t._nbio.remove_writer(fd)
             writer_on = False
 
@@ -93,13 +95,7 @@ def coalesce(transport: Any, loop: asyncio.AbstractEventLoop) -> bool:
         pending = False
         if t._state != t._STATE_ACTIVE or writer_on or not t._tx_buffers:
             return
-        try:
-            _send_all(t)
-        except OSError as exc:
-            if exc.errno not in _AGAIN:
-                t._initiate_abort(exc)
-                return
-        if t._tx_buffers:  # the socket is full: let the loop tell us when it drains
+        if send() and t._tx_buffers:  # the socket is full: let the loop tell us when it drains
             writer_on = True
             t._nbio.set_writer(fd, on_writable)
 
