@@ -8,7 +8,7 @@ floor then takes the same paced load on a topology of its own; its latency ends 
 Side by side they show how much of the tail is the broker and this machine rather than the
 pool. The warm-up's events are reconciled and counted (lost, overlaps) like the rest, but
 their latencies are reported apart (``warmup_*``): in the first ~200 ms of a load from cold
-latencies climb to 40-170 ms on this box, for the floor too (its warm-up p99 has been about
+latencies climb to 40-190 ms on this box, for the floor too (its warm-up p99 has been about
 half the pool's); the pool's deliveries arrive late rather than wait in the worker (~0.05 ms
 each there), so it is the path through the broker starting up, not the steady latency the
 percentiles are meant to show.
