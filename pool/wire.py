@@ -27,10 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import logging
 from typing import Any
-
-log = logging.getLogger("ctlpool.amqp")
 
 JOIN_LIMIT = 64 * 1024
 """Largest single ``send`` assembled from buffered frames: under a backlog the buffer can hold

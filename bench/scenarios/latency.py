@@ -57,8 +57,8 @@ def latency(opts: Options) -> Outcome:
                "events_per_s": median([p.events_per_s for p in pools]),
                **{q: median([getattr(p, q) for p in pools]) for q in qs},
                **{f"floor_{q}": median([getattr(f, q) for f in floors]) for q in qs},
-               **({q: median([getattr(p, q) for p in pools]) for q in wq} if warmup else {}),
-               **({f"floor_{q}": median([getattr(f, q) for f in floors]) for q in wq} if warmup else {}),
+               **({pre + q: median([getattr(ph, q) for ph in side]) for pre, side in (("", pools), ("floor_", floors))
+                   for q in wq} if warmup else {}),
                "max_rss_mb": max(p.max_rss_mb for p in pools),
                "cpu_us_per_event": median([p.cpu_us_per_event for p in pools]),
                "pool": [p.summary() for p in pools], "floor": [f.summary() for f in floors]}
