@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -100,9 +101,18 @@ class PoolSettings:
     """Port of the supervisor's ``/metrics``, ``/livez``, ``/readyz``; 0 = no endpoint (9464 is the usual one)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint listens on; ``0.0.0.0`` to let a remote Prometheus scrape it."""
+    state_dir: str = field(default_factory=lambda: default_state_dir(os.environ))
+    """Where workers journal their in-flight deliveries (crash attribution) and the node id is locked;
+    default: systemd's ``$RUNTIME_DIRECTORY``, else ``ctlpool-<uid>`` in the temp directory."""
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """systemd's RuntimeDirectory= (tmpfs: a journal only has to outlive a process, not the host)."""
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return runtime or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}")
 
 
 def redact_url(url: str) -> str:
@@ -237,6 +247,13 @@ def _host(v: Any) -> str:
     return s
 
 
+def _dir(v: Any) -> str:
+    path = str(v).strip()
+    if not path:
+        raise ValueError("expected a directory path")
+    return path
+
+
 def _readable_file(v: Any) -> str:
     path = str(v).strip()
     if not path:
@@ -279,6 +296,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-level", None, "log_level", _choice("debug", "info", "warning", "error"), "debug|info|warning|error", "LEVEL"),
     Option("metrics-port", None, "metrics_port", _port, "serve /metrics, /livez, /readyz on this port (default 0: off; 9464 is usual)", "PORT"),
     Option("metrics-host", None, "metrics_host", _host, "address of the metrics endpoint (default 127.0.0.1)", "ADDR"),
+    Option("state-dir", None, "state_dir", _dir, "in-flight journals and the node-id lock (default $RUNTIME_DIRECTORY or a temp dir)", "DIR"),
     Option("amqp-url", "broker", "amqp_url", _url, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
     Option("amqp-url-file", "broker", "amqp_url", _read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
     Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
