@@ -34,6 +34,14 @@ class AckBatch:
         self._done.add(tag)
         return len(self._done) == 1
 
+    def forget(self, tag: int) -> None:
+        """``tag`` was settled another way (nacked back to its queue, sent at once): no ack may name it."""
+        self._done.discard(tag)
+        try:
+            self._outstanding.remove(tag)
+        except ValueError:
+            pass
+
     def flush(self) -> list[tuple[int, bool]]:
         """``(tag, multiple)`` frames acking exactly the tags asked for since the last flush."""
         out, done = self._outstanding, self._done

@@ -21,14 +21,17 @@ import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from . import wire
+from . import frames, wire
 from .codec import CONTENT_TYPE, H_SEQ
-from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, Unroutable
+from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, PublishError, Unroutable
 from .settings import redact_url
 
 log = logging.getLogger("ctlpool.amqp")
 
 PERSISTENT = 2  # AMQP delivery_mode for messages that survive a broker restart
+CLOSE_GRACE_S = 2.0  # a connection the broker doesn't let us close (blocked by an alarm) is then aborted
+
+frames.install()  # no header a foreign publisher can send takes a connection down
 
 
 class ChannelGone(Exception):
@@ -59,6 +62,7 @@ class Connection:
     def __init__(self, raw: AsyncioConnection, closed: asyncio.Future[ChannelGone]) -> None:
         self.raw = raw
         self.closed = closed
+        self.blocked: list[str | None] = [None]  # [reason] while the broker blocks our publishing
 
     async def channel(self) -> "Channel":
         loop = asyncio.get_running_loop()
@@ -78,12 +82,37 @@ class Connection:
         return conf
 
     def close(self) -> None:
+        """Close; if the broker has not confirmed within ``CLOSE_GRACE_S`` (it stops reading a
+        connection it blocked for an alarm), drop the socket, so no consumer of ours lingers."""
         if self.raw.is_open:
             self.raw.close()
+        if not self.closed.done():
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.abort)
+
+    def abort(self) -> None:
+        """Drop the socket now: the broker returns our unacked deliveries when it notices."""
+        transport = getattr(self.raw, "_transport", None)
+        if not self.closed.done() and transport is not None:
+            transport.abort()
 
     @property
     def is_open(self) -> bool:
         return bool(self.raw.is_open)
+
+    @property
+    def heartbeat_s(self) -> int:
+        """The heartbeat timeout negotiated with the broker (0: none)."""
+        return int(self.raw.params.heartbeat or 0)
+
+    def on_data(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before pika sees each socket read (the worker's lease is renewed here)."""
+        shim = self.raw._transport._protocol
+        received = shim.data_received
+
+        def data_received(data: bytes) -> None:
+            hook()
+            received(data)
+        shim.data_received = data_received
 
 
 _tls_context: ssl.SSLContext | None = None  # set once per process by use_tls(); forked workers inherit it
@@ -119,8 +148,11 @@ def url_parameters(url: str) -> pika.URLParameters:
     return params
 
 
-async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
-    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``)."""
+async def connect(url: str, *, name: str, heartbeat_s: int = 20, log_blocked: bool = True) -> Connection:
+    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``).
+
+    ``Connection.blocked`` follows the broker's connection.blocked / unblocked; with ``log_blocked``
+    each change is logged too (``Publisher`` says it in its own words)."""
     loop = asyncio.get_running_loop()
     params = url_parameters(url)
     params.heartbeat = heartbeat_s
@@ -138,13 +170,27 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"cannot connect to RabbitMQ at {redact_url(url)}: {_root_cause(exc)}"))
 
+    def on_blocked(_c: Any, frame: Any) -> None:
+        blocked[0] = frame.method.reason or "no reason given"
+        if log_blocked:
+            log.warning("RabbitMQ at %s blocked our publishing: %s (a memory or disk alarm); publishes wait",
+                        redact_url(url), blocked[0], extra={"connection": name})
+
+    def on_unblocked(_c: Any, _frame: Any) -> None:
+        blocked[0] = None
+        if log_blocked:
+            log.warning("RabbitMQ at %s unblocked our publishing", redact_url(url), extra={"connection": name})
+
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
             closed.set_result(_gone(reason))
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))
 
+    blocked: list[str | None] = [None]
     raw = AsyncioConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
+    raw.add_on_connection_blocked_callback(on_blocked)
+    raw.add_on_connection_unblocked_callback(on_unblocked)
     try:
         await opened
     except BaseException:
@@ -155,7 +201,9 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
                 pass
         raise
     wire.coalesce(raw._transport, loop)  # one send per loop iteration, not one per frame
-    return Connection(raw, closed)
+    conn = Connection(raw, closed)
+    conn.blocked = blocked
+    return conn
 
 
 class Channel:
@@ -271,20 +319,28 @@ class ConfirmChannel:
         if self.ch.closed.done():
             fut.set_exception(self.ch.closed.result())
             return fut
-        self._seq += 1
+        # The broker numbers what it received: the sequence advances only for a frame handed to
+        # the connection, or every later confirm would be credited to the wrong publish.
+        seq = self._seq + 1
         hdrs = dict(headers) if headers else {}
-        hdrs[H_SEQ] = self._seq
+        hdrs[H_SEQ] = seq
         if properties is None:
             properties = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=PERSISTENT, headers=hdrs)
         else:
             properties.headers = hdrs
             properties.delivery_mode = PERSISTENT
-        self._waiting[self._seq] = fut
         try:
             self.ch.raw.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-        except pika.exceptions.AMQPError as exc:
-            del self._waiting[self._seq]
+        except pika.exceptions.AMQPError as exc:  # channel or connection closing
             fut.set_exception(ChannelGone(0, repr(exc)))
+            return fut
+        except Exception as exc:  # noqa: BLE001 - pika marshals every frame before it writes any
+            log.error("cannot encode a publish to %r (key %r): %s: %s", exchange, routing_key[:100],
+                      type(exc).__name__, exc)
+            fut.set_exception(PublishError(f"cannot encode the message: {type(exc).__name__}: {exc}"))
+            return fut
+        self._seq = seq
+        self._waiting[seq] = fut
         return fut
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import msgspec
+from pika import data as pika_data
 
 CONTENT_TYPE = "application/json"
 
@@ -26,6 +27,8 @@ H_ERROR = "x-ctlpool-error"  # the error text behind the reason
 H_PARKED_FROM = "x-ctlpool-parked-from"  # partition queue it was parked from
 H_PARKED_MS = "x-ctlpool-parked-ms"  # wall-clock ms when parked
 H_SEQ = "x-ctlpool-seq"  # publisher sequence, to match a basic.return to its publish
+H_DROPPED = "x-ctlpool-dropped-headers"  # names of foreign headers a republish could not carry
+H_BAD_FRAME = "x-ctlpool-bad-frame"  # set by ``pool.frames`` when a delivery's header frame could not be decoded
 
 # Headers the broker adds on dead-lettering; a republish strips them (DESIGN fact 6).
 BROKER_HEADERS = frozenset(
@@ -38,8 +41,13 @@ PARK_PERMANENT = "permanent"
 PARK_UNDECODABLE = "undecodable"
 PARK_INVALID = "invalid"
 PARK_DELIVERIES = "too-many-deliveries"
+PARK_BAD_HEADERS = "bad-headers"
+PARK_INTERNAL = "internal-error"
 
 MAX_ERROR_CHARS = 2000  # headers live in every frame; a traceback-sized error is enough
+MAX_ATTEMPT = 1_000_000  # an attempt count beyond any retry policy; larger header values are forged
+MAX_DELAY_MS = 366 * 86_400_000  # a year and a day: longer owed delays are forged or corrupt
+MAX_SHORTSTR = 255  # AMQP table keys are short strings
 
 
 class DecodeFailed(Exception):
@@ -61,6 +69,8 @@ def make_decoder(event_type: type | None) -> Callable[[bytes], Any]:
             raise DecodeFailed(PARK_INVALID, str(exc)) from None
         except msgspec.DecodeError as exc:
             raise DecodeFailed(PARK_UNDECODABLE, str(exc)) from None
+        except RecursionError:  # msgspec's answer to JSON nested a few thousand deep
+            raise DecodeFailed(PARK_UNDECODABLE, "JSON nested too deeply to decode") from None
 
     return decode
 
@@ -74,10 +84,53 @@ def encode(payload: Any) -> bytes:
 
 
 def clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` without what the broker added, for a fresh republish."""
+    """A copy of ``headers`` for a fresh republish: without what the broker added (DESIGN fact 6),
+    without our own bookkeeping of the previous hop, and without any value that would not encode
+    again (a foreign publisher's double of 1e19 decodes to an int no AMQP type holds, a table
+    nested too deep, a key longer than a short string). Dropped names go in ``H_DROPPED``, so a
+    republish never fails because of what someone else put in a header."""
     if not headers:
         return {}
-    return {k: v for k, v in headers.items() if k not in BROKER_HEADERS}
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for k, v in headers.items():
+        if k in BROKER_HEADERS or k == H_SEQ or k == H_DROPPED:
+            continue
+        if _encodes(k, v):
+            out[k] = v
+        else:
+            dropped.append(k if isinstance(k, str) else repr(k))
+    previous = headers.get(H_DROPPED)
+    if isinstance(previous, str) and previous:
+        dropped.insert(0, previous)
+    if dropped:
+        out[H_DROPPED] = truncate_error(",".join(dropped))
+    return out
+
+
+def _encodes(key: Any, value: Any) -> bool:
+    if not isinstance(key, str) or len(key.encode("utf-8", "surrogatepass")) > MAX_SHORTSTR:
+        return False
+    try:
+        pika_data.encode_table([], {key: value})
+    except Exception:  # noqa: BLE001 - struct.error, UnsupportedAMQPFieldException, RecursionError...
+        return False
+    return True
+
+
+def header_int(headers: dict[str, Any], name: str, high: int) -> int | None:
+    """``headers[name]`` as an int in [0, high], or None when absent, of another type or out of range
+    (a forged or corrupt value is ignored, never trusted: it can neither buy attempts nor crash us)."""
+    v = headers.get(name)
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, float):
+        if not v == v or v in (float("inf"), float("-inf")):
+            return None
+        v = int(v)
+    if not isinstance(v, int):
+        return None
+    return v if 0 <= v <= high else None
 
 
 def truncate_error(text: str) -> str:

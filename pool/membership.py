@@ -29,6 +29,8 @@ class Heartbeat(msgspec.Struct, frozen=True, omit_defaults=True):
     bye: bool = False
     parts: dict[str, dict[int, int]] = {}
     pid: int = 0
+    blocked: str = ""
+    """Why the broker blocks this member's publishing (a memory or disk alarm); empty when it doesn't."""
 
 
 _encoder = msgspec.json.Encoder()

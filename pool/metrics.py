@@ -84,6 +84,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("controller",)),
     Family("ctlpool_publish_confirm_seconds", "histogram", "Time from publish to the broker's confirm", (),
            CONFIRM_BUCKETS),
+    Family("ctlpool_fenced_total", "counter",
+           "Sessions a worker dropped because its lease ran out (frozen process or blocked event loop)"),
+    Family("ctlpool_loop_blocked_total", "counter",
+           "Reconcile steps that held a worker's event loop for a second or more", ("controller",)),
+    Family("ctlpool_broker_blocked", "gauge",
+           "Worker publish connections the broker blocks (memory or disk alarm)"),
     Family("ctlpool_worker_restarts_total", "counter", "Worker processes restarted by the supervisor after dying"),
     Family("ctlpool_workers", "gauge", "Worker processes: configured, alive, ready", ("state",)),
 )}
@@ -167,6 +173,17 @@ class WorkerMetrics:
     def handover(self, controller: str, direction: str) -> None:
         """A partition was ``acquired`` or ``released``."""
         self._counter(("ctlpool_handovers_total", (controller, direction)))[0] += 1
+
+    def fenced(self) -> None:
+        """The worker's lease ran out: it cancelled its in-flight work and rejoins."""
+        self._counter(("ctlpool_fenced_total", ()))[0] += 1
+
+    def loop_blocked(self, controller: str) -> None:
+        """A reconcile step held the event loop for ``worker.BLOCKED_STEP_S`` or more."""
+        self._counter(("ctlpool_loop_blocked_total", (controller,)))[0] += 1
+
+    def broker_blocked(self, blocked: bool) -> None:
+        self._gauges[("ctlpool_broker_blocked", ())] = 1 if blocked else 0
 
     def confirmed(self, seconds: float) -> None:
         """A publish was confirmed ``seconds`` after it was sent."""

@@ -6,14 +6,22 @@ waits on the workers' sentinels, their status pipes and a self-pipe woken by sig
 
 - a worker that dies (any cause, SIGKILL included) is restarted after a backoff that
   doubles with its recent deaths; ``CRASH_LOOP_DEATHS`` deaths of one slot within
-  ``CRASH_LOOP_WINDOW_S`` end the supervisor with ``EXIT_CRASH_LOOP``;
+  ``CRASH_LOOP_WINDOW_S`` end the supervisor with ``EXIT_CRASH_LOOP``. A death with a
+  reconcile in flight (the slot's ``pool.journal`` says so) is restarted at once and not
+  counted: ``--max-deliveries`` bounds those by parking the event that causes them;
 - SIGTERM / SIGINT: drain — each worker gets SIGTERM, stops taking deliveries, finishes
   and acks in-flight work and exits 0; workers still alive after the drain timeout are
   killed. A second SIGTERM / SIGINT kills the workers at once (``EXIT_INTERRUPTED``);
 - SIGHUP: rolling restart, one slot at a time, each new worker ready before the next.
 
+Before forking, the supervisor locks its node id on this host (``pool.nodelock``): a second
+supervisor with the same ``--node-id`` exits with ``EXIT_CONFIG`` instead of joining as the
+same members. Workers inherit the lock and hold it until the last of them exits.
+
 Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
-supervisor decides), drain on SIGTERM however often it comes, and report on a pipe:
+supervisor decides), drain on SIGTERM however often it comes — the kernel sends them one
+when the supervisor dies, SIGKILL included (``PR_SET_PDEATHSIG``), so no orphan keeps
+consuming — and report on a pipe:
 states ("ready", "reconnecting", "draining") as ASCII words, and every
 ``metrics.REPORT_INTERVAL_S`` a metrics snapshot (``METRICS_TAG`` + bytes), which doubles as
 a heartbeat of the worker's event loop.
@@ -29,16 +37,19 @@ service killed by systemd, since restarting fixes neither.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import journal, nodelock
 from .errors import ConfigError
 from .metrics import METRICS_TAG, Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
 from .notify import Notifier, forget_env
@@ -62,6 +73,7 @@ KILL_GRACE_S = 5.0  # after the drain timeout, how long we wait before SIGKILL
 LOOP_TICK_S = 1.0  # the loop wakes at least this often (restarts, drain deadline, status)
 WORKER_SILENT_S = 10.0  # a worker not heard from (state or metrics, ~1/s) this long is hung: starve the watchdog
 LIVEZ_STALE_S = 10.0  # /livez fails when the supervisor loop has not turned for this long
+PR_SET_PDEATHSIG = 1  # prctl(2) option, <linux/prctl.h>: signal this process when its parent dies
 
 
 def usable_cpus() -> list[int]:
@@ -80,18 +92,36 @@ def preload_worker_code() -> None:
     from . import worker, workqueue  # noqa: F401
 
 
-def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any) -> None:
-    """Entry point of a worker process (after fork)."""
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that forked it exits (Linux).
+
+    The supervisor forks from its main thread, so that is when the supervisor exits, however
+    it dies. Elsewhere, or if prctl fails, an orphaned worker runs on until something stops it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): this worker may outlive its supervisor",
+                    os.strerror(ctypes.get_errno()))
+
+
+def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any, supervisor_pid: int) -> None:
+    """Entry point of a worker process (after fork); ``supervisor_pid`` is the pid that forked it."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != supervisor_pid:
+        return  # the supervisor died before prctl took effect: no SIGTERM will come; nothing to drain yet
+
     import uvloop
 
     from .controller import load_controller
     from .logs import configure
     from .worker import Worker
 
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     forget_env()  # only the supervisor speaks to systemd (NotifyAccess=main)
     configure(settings.log_format, settings.log_level)
     if cpu is not None:
@@ -185,7 +215,8 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         recv, send = self._ctx.Pipe(duplex=False)
-        slot.proc = self._ctx.Process(target=self.target, args=(self.settings, slot.index, slot.cpu, send),
+        slot.proc = self._ctx.Process(target=self.target,
+                                      args=(self.settings, slot.index, slot.cpu, send, os.getpid()),
                                       name=f"ctlpool-worker-{slot.index}", daemon=False)
         slot.proc.start()
         send.close()
@@ -273,7 +304,9 @@ class Supervisor:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         server: MetricsServer | None = None
+        lock: nodelock.NodeLock | None = None
         try:
+            lock = nodelock.acquire(self.settings.state_dir, self.settings.node_id)
             preload_worker_code()
             log.info("workers %s: %s", "pinned to CPUs" if self.pinned else "not pinned", self._pin_why)
             server = self._start_metrics_server()
@@ -292,6 +325,8 @@ class Supervisor:
                 if s.status is not None:
                     s.status.close()
             self.notifier.close()
+            if lock is not None:
+                lock.release()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
@@ -425,6 +460,17 @@ class Supervisor:
                 self._start(s)
                 continue
             self.restarts += 1
+            inside = journal.read_inflight(journal.path_for(self.settings.state_dir, self.settings.node_id, s.index))
+            if inside:
+                # A reconcile killed it (a poison event, the OOM killer...): the slot's next worker
+                # blames the events it held, and --max-deliveries parks each after so many deaths.
+                # That bounds these deaths, so they don't count toward the crash-loop guard, which
+                # would otherwise give up before the poison is parked.
+                s.restart_at = now + RESTART_FIRST_S
+                log.warning("worker %d died (exit %s) inside %d reconcile(s); restarting in %.1fs", s.index, code,
+                            len(inside), RESTART_FIRST_S, extra={"worker": s.index})
+                self._event("degraded")
+                continue
             s.deaths = [t for t in s.deaths if now - t < CRASH_LOOP_WINDOW_S] + [now]
             if len(s.deaths) >= CRASH_LOOP_DEATHS:
                 log.error("worker %d died %d times within %.0fs (last exit %s); giving up",

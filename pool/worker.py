@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import pika
 
-from . import codec, eager
+from . import codec, eager, journal
 from .acks import AckBatch
 from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
 from . import membership
@@ -43,6 +43,7 @@ from .membership import MemberTable
 from .codec import DecodeFailed
 from .controller import Context, Controller, Result, is_async
 from .errors import BrokerError, Permanent
+from .fence import LEASE_FRACTION, Fenced, Lease, fenced
 from .metrics import WorkerMetrics
 from .retries import next_hop
 from .settings import PoolSettings, redact_url
@@ -56,6 +57,10 @@ RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect
 ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
 JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
 MISSING_LOG_S = 30.0  # a missing partition queue is retried every heartbeat, logged this often
+SETTLE_RETRY_S = 5.0  # a delivery whose retry/park publish the broker refused goes back to its queue after this
+BLOCKED_STEP_S = 1.0  # a reconcile step holding the event loop this long is logged (it starves every other key)
+BLAME_TTL_S = 600.0  # a crashed reconcile's event not seen again within this long is forgotten
+DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
 
 
 class _Ctl:
@@ -170,6 +175,7 @@ class Worker:
         self._ack_parts: list[Partition] = []  # partitions with acks to flush this loop iteration
         self._parts: dict[tuple[int, int], Partition] = {}
         self._pub: ConfirmChannel | None = None
+        self._publish_conn: Connection | None = None
         self._consume_conn: Connection | None = None
         self._connected = False
         self._members = MemberTable(settings.worker.member_timeout_s, clock)
@@ -194,6 +200,11 @@ class Worker:
         self._timeout_s = wk.reconcile_timeout_s
         self._guard = wk.reroute_on_acquire
         self._max_deliveries = settings.topology.max_deliveries
+        self._journal: journal.Journal | None = None
+        # events inside a reconcile when this slot's last process died -> (deaths blamed, forget after)
+        self._blamed: dict[bytes, tuple[int, float]] = {}
+        self._lease = Lease(clock, float("inf"))  # replaced per session (see pool.fence)
+        self._duplicate_logged = -1e9
         self._quorum = settings.topology.queue_type == "quorum"
         self._tiers = settings.topology.tiers_s
 
@@ -206,6 +217,7 @@ class Worker:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._open_journal()
         for c in self.ctls:
             c.controller.setup()
         backoff = RECONNECT_FIRST_S
@@ -231,24 +243,51 @@ class Worker:
                 pass
             backoff = min(backoff * 2, self.settings.broker.reconnect_max_s)
         self._threads.shutdown(wait=True)
+        if self._journal is not None:
+            self._journal.close()
         self.on_state("stopped")
+
+    def _open_journal(self) -> None:
+        """Take the blame the slot's previous process left (``pool.journal``) and start a fresh journal."""
+        path = journal.path_for(self.settings.state_dir, self.settings.node_id, self.index)
+        try:
+            self._journal, leftover = journal.Journal.take_leftover(path, self._concurrency)
+        except OSError as exc:
+            log.error("cannot keep the in-flight journal %s (%s); a worker-killing event will only be parked "
+                      "by the broker's delivery limit; check --state-dir", path, exc, extra={"worker": self.index})
+            return
+        if leftover:
+            log.warning("the previous worker %d died inside %d reconcile(s); each of those events counts one "
+                        "more delivery toward --max-deliveries when it comes back", self.index, len(leftover),
+                        extra={"worker": self.index})
+            expires = self.clock() + BLAME_TTL_S
+            self._blamed = {d: (n, expires) for d, n in leftover.items()}
 
     async def _session(self) -> None:
         """One connected period: connect, join, acquire, serve until stop (drain) or connection loss."""
         b = self.settings.broker
         consume = await connect(b.amqp_url, name=f"ctlpool {self.member_id} consume", heartbeat_s=b.heartbeat_s)
         self._conns.append(consume)
+        self._session_lost = asyncio.get_running_loop().create_future()
         publish = await connect(b.amqp_url, name=f"ctlpool {self.member_id} publish", heartbeat_s=b.heartbeat_s)
         self._conns.append(publish)
         self._pub = await publish.confirm_channel()
+        self._publish_conn = publish
         self._consume_conn = consume
-        self._session_lost = asyncio.get_running_loop().create_future()
         self._connected = True
         self._members = MemberTable(self.settings.worker.member_timeout_s, self.clock)
-        self._hb_ch = await consume.channel()
-        ok = await self._hb_ch.rpc("queue_declare", queue="", exclusive=True, auto_delete=True)
-        await self._hb_ch.rpc("queue_bind", queue=ok.method.queue, exchange=members_exchange(b.prefix))
-        await self._hb_ch.consume(ok.method.queue, self._on_heartbeat, auto_ack=True)
+        # Heartbeats are sent from the publish connection: the broker blocks a connection that
+        # publishes during an alarm, and a blocked consume connection can't even be closed.
+        self._hb_ch = await publish.channel()
+        listen = await consume.channel()
+        ok = await listen.rpc("queue_declare", queue="", exclusive=True, auto_delete=True)
+        await listen.rpc("queue_bind", queue=ok.method.queue, exchange=members_exchange(b.prefix))
+        await listen.consume(ok.method.queue, self._on_heartbeat, auto_ack=True)
+        # Before any partition is taken: from here on, a lost lease means the broker may have
+        # given our partitions away (pool.fence); our own heartbeats echo back every interval.
+        self._lease = Lease(self.clock, LEASE_FRACTION * consume.heartbeat_s if consume.heartbeat_s else float("inf"),
+                            on_lost=self._fence)
+        consume.on_data(self._lease.heard)
         self._heartbeat()
         ticker = asyncio.ensure_future(self._membership_loop())
         # Listen before taking anything: peers already running announce themselves within an
@@ -279,6 +318,21 @@ class Worker:
         reason = next(f.result() for f in lost if f.done())
         raise ChannelGone(reason.reply_code, f"connection lost: {reason.reply_text}")
 
+    def _fence(self, why: str) -> None:
+        """The lease ran out (pool.fence): cancel everything in flight and rejoin, like a connection loss."""
+        session = self._session_lost
+        if session is None or self._loop is None:
+            return
+        if threading.get_ident() != self._loop_thread:  # a plain-def reconcile's ctx.check() noticed
+            self._loop.call_soon_threadsafe(self._fence, why)
+            return
+        if session.done():
+            return
+        log.warning("fencing: %s; cancelling %d in-flight reconciles and rejoining", why, len(self._tasks),
+                    extra={"worker": self.index})
+        self.metrics.fenced()
+        session.set_result(ChannelGone(0, f"fenced: {why}"))
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early on stop."""
         try:
@@ -298,7 +352,17 @@ class Worker:
 
     def _on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
         hb = membership.decode(body)
-        if hb is not None and self._members.observe(hb):
+        if hb is None:
+            return
+        if hb.id == self.member_id and hb.pid != os.getpid():
+            now = self.clock()
+            if now - self._duplicate_logged >= DUPLICATE_LOG_S:
+                self._duplicate_logged = now
+                log.error("another process (pid %d on %s) announces member id %s too; --node-id must be unique "
+                          "per host, or the two share partitions unpredictably", hb.pid, hb.node, hb.id,
+                          extra={"worker": self.index})
+            return
+        if self._members.observe(hb):
             self._rebalance()
 
     def _heartbeat(self, bye: bool = False) -> None:
@@ -311,9 +375,15 @@ class Worker:
         hb = membership.Heartbeat(id=self.member_id, node=self.settings.node_id, worker=self.index,
                                   weight=self.settings.weight, started=self._started,
                                   controllers=tuple(c.name for c in self.ctls), bye=bye, parts=parts,
-                                  pid=os.getpid())
+                                  pid=os.getpid(), blocked=self._blocked_reason())
         # not persistent, not confirmed: a lost heartbeat is just a late one
         self._hb_ch.raw.basic_publish(members_exchange(self.settings.broker.prefix), "", membership.encode(hb))
+
+    def _blocked_reason(self) -> str:
+        conn = self._publish_conn
+        reason = conn.blocked[0] if conn is not None else None
+        self.metrics.broker_blocked(reason is not None)
+        return reason or ""
 
     async def _membership_loop(self) -> None:
         interval = self.settings.worker.heartbeat_interval_s
@@ -458,8 +528,9 @@ class Worker:
         if ch is not None and ch.is_open:
             confirms = [self._reroute_delivery(d) for d in queued if d.ch is ch]
             for method, props, body in part.held:
+                n = self._redeliveries(props.headers, method.routing_key, body)
                 confirms.append(self._forward(part, ch, method, props, body, part.ctl.exchange,
-                                              self._carried_headers(props, method)))
+                                              self._carried_headers(props, n)))
             part.held = []
             if confirms:
                 await asyncio.gather(*confirms, return_exceptions=True)
@@ -478,58 +549,89 @@ class Worker:
         if part.held is not None:  # measuring the guard window, or releasing
             part.held.append((method, props, body))
             return
+        if not self._lease.valid():
+            return  # fenced: the session is ending and the delivery goes back with the connection
+        try:
+            d = self._admit(part, ch, method, props, body)
+        except Exception as exc:  # noqa: BLE001 - nothing in one delivery's path may take the connection down
+            log.exception("delivery could not be handled; parking it", extra={"worker": self.index,
+                                                                           "controller": part.ctl.name})
+            try:
+                self._park_raw(ch, part, method, props, body, codec.PARK_INTERNAL, f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - not even parkable: the broker keeps it
+                log.exception("could not park it either", extra={"worker": self.index})
+                self._return_later(part, ch, method.delivery_tag)
+            return
+        if d is None:
+            return
+        self._wq.add((part.ctl.index, d.key), d)
+        self.metrics.added(part.ctl.name)
+        if self._inflight < self._concurrency:
+            self._pump()
+
+    def _admit(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes) -> Delivery | None:
+        """A delivery for the work queue, or None when it was parked, re-routed or sent on a delay hop.
+
+        Every header is read defensively (``codec.header_int``): a forged or corrupt value is
+        ignored, never trusted, and can't raise."""
         headers = props.headers
-        redeliveries = 0
-        if headers is not None or method.redelivered:
-            redeliveries = self._redeliveries(headers or _NO_HEADERS, method)
-            if redeliveries >= self._max_deliveries:
-                self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
-                               f"delivered {redeliveries} times without an ack (it kills its worker?)")
-                return
+        if headers is not None and codec.H_BAD_FRAME in headers:  # see pool.frames
+            self._park_raw(ch, part, method, props, body, codec.PARK_BAD_HEADERS,
+                           f"headers could not be decoded: {headers[codec.H_BAD_FRAME]}")
+            return None
+        redeliveries = self._redeliveries(headers, method.routing_key, body)
+        if redeliveries >= self._max_deliveries:
+            self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
+                           f"its worker died inside its reconcile {redeliveries} times")
+            return None
         if part.guarding and (part.guard_left or method.redelivered):
             # backlog from before we held the partition, or returned by a consumer that died
             # (maybe mid-guard): it may have been routed by an earlier ring, so route it again
-            fut = self._forward(part, ch, method, props, body, part.ctl.exchange, self._carried_headers(props, method))
-            if part.guard_left:
+            fut = self._forward(part, ch, method, props, body, part.ctl.exchange,
+                                self._carried_headers(props, redeliveries))
+            if part.guarding and part.guard_left:
                 part.guard_left -= 1
                 part.guard_futs.append(fut)
             self._count_reroute(part)
-            return
+            return None
+        attempt = 0
         if headers is not None:
-            delay_ms = headers.get(codec.H_DELAY_MS)
+            delay_ms = codec.header_int(headers, codec.H_DELAY_MS, codec.MAX_DELAY_MS)
             if delay_ms:
-                self._hop(ch, part, method, props, body, delay_ms / 1000.0)
-                return
-            attempt = headers.get(codec.H_ATTEMPT, 0)
-        else:
-            attempt = 0
+                self._hop(ch, part, method, props, body, delay_ms / 1000.0, redeliveries)
+                return None
+            attempt = codec.header_int(headers, codec.H_ATTEMPT, codec.MAX_ATTEMPT) or 0
         ctl = part.ctl
         try:
             event = ctl.decode(body)
         except DecodeFailed as exc:
             self._park_raw(ch, part, method, props, body, exc.reason, str(exc))
-            return
-        key = method.routing_key
-        d = Delivery(part, ch, method.delivery_tag, key, event, headers, attempt, body, props.content_type,
-                     redeliveries)
+            return None
+        d = Delivery(part, ch, method.delivery_tag, method.routing_key, event, headers, attempt, body,
+                     props.content_type, redeliveries)
         d.queued_at = self.clock()
-        self._wq.add((ctl.index, key), d)
-        self.metrics.added(ctl.name)
-        if self._inflight < self._concurrency:
-            self._pump()
+        return d
 
-    def _redeliveries(self, headers: dict[str, Any], method: Any) -> int:
-        """Deliveries of this message that ended without an ack, carried across re-routes."""
-        carried = headers.get(codec.H_REDELIVERIES, 0)
-        if self._quorum:
-            return carried + headers.get("x-delivery-count", 0)
-        return carried + (1 if method.redelivered else 0)
+    def _redeliveries(self, headers: dict[str, Any] | None, key: str, body: bytes) -> int:
+        """Times this event was inside a reconcile when its worker died: what it carries (counted
+        by other workers, kept across re-routes) or what this slot's journal says, the larger.
+        Redeliveries for any other reason (connection flaps, broker restarts, drains, a frozen
+        worker) don't count. The journal's count is kept, not used up: a re-routed copy and the
+        original it came from (acked a moment later) are the same event."""
+        carried = 0
+        if headers is not None:
+            carried = codec.header_int(headers, codec.H_REDELIVERIES, codec.MAX_ATTEMPT) or 0
+        if self._blamed:
+            blame = self._blamed.get(journal.digest(key, body))
+            if blame is not None:
+                return max(carried, blame[0])
+        return carried
 
-    def _carried_headers(self, props: Any, method: Any) -> dict[str, Any]:
+    def _carried_headers(self, props: Any, redeliveries: int) -> dict[str, Any]:
         headers = codec.clean_headers(props.headers)
-        n = self._redeliveries(props.headers or _NO_HEADERS, method)
-        if n:
-            headers[codec.H_REDELIVERIES] = n
+        headers.pop(codec.H_REDELIVERIES, None)
+        if redeliveries:
+            headers[codec.H_REDELIVERIES] = redeliveries
         return headers
 
     async def _measure_guard(self, part: Partition, ch: Channel) -> None:
@@ -587,9 +689,10 @@ class Worker:
         except ChannelGone:
             pass
 
-    def _hop(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes, delay_s: float) -> None:
+    def _hop(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes, delay_s: float,
+             redeliveries: int) -> None:
         """The message still owes ``delay_s``: ride the next tier (or come back now if it's tiny)."""
-        headers = self._carried_headers(props, method)
+        headers = self._carried_headers(props, redeliveries)
         self.stats.hops += 1
         self._forward(part, ch, method, props, body, self._delay_via(part.ctl, delay_s, headers), headers)
 
@@ -620,7 +723,22 @@ class Worker:
         if exc is None:
             self._ack(part, ch, tag)
         elif not isinstance(exc, ChannelGone):
-            log.error("republish failed, delivery left unacked: %s", exc, extra={"worker": self.index})
+            log.error("republish failed: %s", exc, extra={"worker": self.index})
+            self._return_later(part, ch, tag)
+
+    def _return_later(self, part: Partition, ch: Channel, tag: int) -> None:
+        """A delivery we could not settle (the broker refused its retry or parked copy): put it
+        back in its queue after ``SETTLE_RETRY_S``, never ack it, never leave it stuck with us."""
+        log.error("returning the delivery to %s in %.0fs; the broker keeps it meanwhile", part.queue,
+                  SETTLE_RETRY_S, extra={"worker": self.index, "controller": part.ctl.name})
+
+        def back() -> None:
+            if ch is part.ch and ch.is_open:
+                part.acks.forget(tag)
+                part.unacked -= 1
+                ch.raw.basic_nack(tag, multiple=False, requeue=True)
+        assert self._loop is not None
+        self._loop.call_later(SETTLE_RETRY_S, back)
 
     def _park_raw(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes,
                   reason: str, error: str) -> asyncio.Future[None]:
@@ -671,7 +789,7 @@ class Worker:
     # ---------------------------------------------------------------- reconciles
 
     def _pump(self) -> None:
-        if not self._connected:
+        if not self._connected or not self._lease.valid():
             return
         wq = self._wq
         while self._inflight < self._concurrency:
@@ -713,15 +831,21 @@ class Worker:
         thread_fut: asyncio.Future[Any] | None = None
         ran_s = 0.0  # the reconcile call and the confirms of what it published
         outcome: str | None = None  # a controller-runtime result, once settled
+        # in the journal while the controller holds the event: if this process dies now, it is to blame
+        slot = self._journal.enter(journal.digest(key, last.body), last.redeliveries) if self._journal else -1
         try:
             try:
                 try:
                     if ctl.is_async:
-                        result = await ctl.controller.reconcile(key, last.event, ctx)
+                        result = await fenced(ctl.controller.reconcile(key, last.event, ctx), self._lease,
+                                              lambda s: self._slow_step(ctl.name, key, s))
                     else:
                         thread_fut = self._loop.run_in_executor(  # type: ignore[union-attr]
                             self._threads, ctl.controller.reconcile, key, last.event, ctx)
                         result = await asyncio.shield(thread_fut)
+                    if result is not None and not isinstance(result, Result):
+                        raise TypeError(f"reconcile returned {type(result).__name__} {str(result)[:80]!r}; "
+                                        "expected a Result or None")
                     if ctx._confirms:
                         await self._wait_confirms(ctx)
                 except asyncio.CancelledError:
@@ -736,7 +860,7 @@ class Worker:
                 outcome = "error"
             except (asyncio.CancelledError, ChannelGone):
                 raise
-            except Exception as exc:  # any other error: retry with backoff (or park when exhausted)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... fail this reconcile, not the worker
                 ran_s = self.clock() - started
                 await self._settle_failure(ctl, key, items, attempt, exc)
                 outcome = "error"
@@ -751,17 +875,29 @@ class Worker:
                     self._ack_all(items)
                     outcome = "success"
         except (asyncio.CancelledError, ChannelGone):
-            pass  # connection lost or shutting down: deliveries go back to the broker unacked
-        except Exception:  # a park/retry publish was refused: leave unacked, the broker keeps the event
-            log.exception("could not settle reconcile", extra={"worker": self.index, "controller": ctl.name, "key": key})
+            pass  # connection lost, fenced or shutting down: deliveries go back to the broker unacked
+        except Exception as exc:  # noqa: BLE001 - a park/retry publish was refused: the broker keeps the event
+            log.error("could not settle the reconcile: %s: %s", type(exc).__name__, exc,
+                      extra={"worker": self.index, "controller": ctl.name, "key": key})
+            for d in items:
+                self._return_later(d.part, d.ch, d.tag)
         finally:
             if thread_fut is not None and not thread_fut.done():
                 # a plain-def reconcile cannot be interrupted: keep its key busy until it returns
                 await asyncio.wait({thread_fut})
+            if self._journal is not None:
+                self._journal.leave(slot)
             if outcome is not None:
                 self.metrics.reconciled(ctl.name, outcome, ran_s,
                                         ran_s if outcome == "success" else self.clock() - started)
             self._finish(ctl, key, items)
+
+    def _slow_step(self, controller: str, key: str, seconds: float) -> None:
+        """The blocked-loop watchdog (``pool.fence``): a step that held the loop names itself."""
+        self.metrics.loop_blocked(controller)
+        log.warning("a reconcile step held the event loop for %.1fs (every other key of this worker waited, "
+                    "and heartbeats stopped); use a plain def reconcile or run_in_executor for blocking calls",
+                    seconds, extra={"worker": self.index, "controller": controller, "key": key})
 
     def _finish(self, ctl: _Ctl, key: str, items: list[Delivery]) -> None:
         self._wq.done((ctl.index, key), len(items))
@@ -826,7 +962,8 @@ class Worker:
         exchange = self._delay_via(ctl, delay_s, headers)
         await self._publish_then_ack(items, exchange, key, last.body, headers, last.content_type)
 
-    async def _settle_failure(self, ctl: _Ctl, key: str, items: list[Delivery], attempt: int, exc: Exception) -> None:
+    async def _settle_failure(self, ctl: _Ctl, key: str, items: list[Delivery], attempt: int,
+                              exc: BaseException) -> None:
         failures = attempt + 1
         policy = ctl.controller.retry
         err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TimeoutError) else \

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,10 @@ class Pool:
 
     def __init__(self, url: str, prefix: str, controllers: str, *args: str, env: dict[str, str] | None = None,
                  log_path: Path | None = None) -> None:
+        # its own state dir (journals, node-id lock): pools of other tests or runs on this host never meet
+        state = tempfile.mkdtemp(prefix="ctlpool-state-", dir=log_path.parent if log_path else None)
         self.cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", controllers, "--prefix", prefix,
-                    "--log-format", "json", *args]
+                    "--log-format", "json", "--state-dir", state, *args]
         self.env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None

@@ -272,15 +272,16 @@ def test_a_message_that_kills_its_worker_is_parked(amqp_url, prefix, tmp_path, r
         assert pool.proc.poll() is None
     finally:
         assert pool.stop() == 0
-    # (at least once: a worker killed between re-publishing a message and acking it leaves two copies)
+    # exactly that event (a worker killed between re-routing a copy and acking the original may
+    # leave two copies of it; both carry its count): only its deaths were counted
     parked = get_all(amqp_url, f"{prefix}.rec.parked")
-    assert parked
+    assert 1 <= len(parked) <= 2, [p.headers for _, p, _ in parked]
     for _, props, body in parked:
         assert props.headers["x-ctlpool-reason"] == "too-many-deliveries"
         assert props.headers["x-ctlpool-key"] == "poison"
         assert b'"crash":true' in body
-    deaths = [e for e in pool.logs() if "died" in e["msg"]]
-    assert 2 <= len(deaths) < 5, [e["msg"] for e in deaths]
+    deaths = [e for e in pool.logs() if e["logger"] == "ctlpool.supervisor" and "died" in e["msg"]]
+    assert len(deaths) == 3, [e["msg"] for e in deaths]  # --max-deliveries; the crash-loop guard stayed out
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,200 @@
+"""Process and identity faults, with real processes and real signals: a supervisor killed with
+SIGKILL takes its workers with it, a node id runs once per host, and a publisher blocked by a
+broker alarm says why it waits.
+
+Each pool here gets its own ``--node-id`` and ``--state-dir`` (a temp dir), so these tests never
+meet another pool on this host by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.ctl_fixtures import read_records
+from tests.helpers import ROOT, Pool, ctlpool_cli, publish_many, queue_depth, wait_until
+
+PARTITIONS = 8
+
+
+@pytest.fixture
+def rec_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "rec"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[str, str]:
+    """A node id nobody else uses, and a state dir of this test's own."""
+    return f"node-{uuid.uuid4().hex[:8]}", str(tmp_path / "state")
+
+
+def make_pool(url: str, prefix: str, tmp_path: Path, rec_dir: Path, node: tuple[str, str],
+              log_name: str = "pool.log") -> Pool:
+    node_id, state_dir = node
+    return Pool(url, prefix, "tests.ctl_fixtures:Recorder", "--workers", "2", "--partitions", str(PARTITIONS),
+                "--node-id", node_id, "--state-dir", state_dir,
+                env={"CTLPOOL_TEST_RECORD_DIR": str(rec_dir)}, log_path=tmp_path / log_name)
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: nobody may reap orphans in a container)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def reconciled(rec_dir: Path, keys: set[str]) -> set[int]:
+    """The pids that reconciled ``keys``, once all of them were (else empty)."""
+    done = {r["k"]: r["pid"] for r in read_records(str(rec_dir)) if r["r"] == "ok" and r["k"] in keys}
+    return set(done.values()) if len(done) == len(keys) else set()
+
+
+def kill_group(pool: Pool) -> None:
+    """SIGKILL whatever is left of the pool's process group (orphaned workers included)."""
+    if pool.proc is None:
+        return
+    try:
+        os.killpg(pool.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pool.proc.wait()
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_supervisor_takes_its_workers_and_frees_the_node_id(amqp_url, prefix, tmp_path, rec_dir,
+                                                                          node):
+    # Given a running pool that reconciles, with one slow reconcile in flight
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    pool2 = make_pool(amqp_url, prefix, tmp_path, rec_dir, node, log_name="pool2.log")
+    try:
+        pool.wait_ready()
+        before = {f"before-{i}" for i in range(20)}
+        publish_many(amqp_url, prefix, "rec", [(k, {"n": 1}) for k in before])
+        wait_until(lambda: reconciled(rec_dir, before), 30, what="reconciled before the kill")
+        workers = pool.worker_pids()
+        assert len(workers) == 2
+        publish_many(amqp_url, prefix, "rec", [("slow", {"sleep_ms": 1500, "mark_start": True})])
+        wait_until(lambda: any(r["k"] == "slow" for r in read_records(str(rec_dir))), 30, what="slow one started")
+
+        # When the supervisor alone is killed with SIGKILL (no chance to pass anything on)
+        pool.signal(signal.SIGKILL)
+        pool.proc.wait()
+
+        # Then every worker exits within the deadline, draining (the kernel's SIGTERM): the slow one finished
+        wait_until(lambda: all(gone(p) for p in workers), 20, what=f"orphaned workers {workers} to exit")
+        assert reconciled(rec_dir, {"slow"}), "the reconcile in flight was finished before its worker exited"
+
+        # When a new pool with the same node id starts on this host
+        pool2.start()
+        pool2.wait_ready()
+        after = {f"after-{i}" for i in range(20)}
+        publish_many(amqp_url, prefix, "rec", [(k, {"n": 2}) for k in after])
+
+        # Then it reconciles the new events, with its own workers
+        wait_until(lambda: reconciled(rec_dir, after), 30, what="reconciled by the new pool")
+        assert reconciled(rec_dir, after) <= set(pool2.worker_pids())
+    finally:
+        kill_group(pool)
+        if pool2.proc is not None:
+            assert pool2.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_second_pool_with_the_same_node_id_refuses_to_start(amqp_url, prefix, tmp_path, rec_dir, node):
+    # Given a running pool
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    try:
+        pool.wait_ready()
+        node_id, state_dir = node
+
+        # When a second `ctlpool run` starts on this host with the same node id
+        r = ctlpool_cli(amqp_url, "run", "--controllers", "tests.ctl_fixtures:Recorder", "--prefix", prefix,
+                        "--partitions", str(PARTITIONS), "--workers", "1", "--log-format", "text",
+                        "--log-level", "warning", "--node-id", node_id, "--state-dir", state_dir,
+                        "--drain-timeout-s", "5")
+
+        # Then it exits 2 with one line naming the node id and the pid that has it
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == (f"ctlpool: error: node id {node_id} is in use on this host by ctlpool pid "
+                            f"{pool.proc.pid} (--node-id must be unique per host)\n")
+        # and the first pool runs on, untouched
+        assert pool.proc.poll() is None and len(pool.worker_pids()) == 2
+
+        # When the state dir cannot be written
+        bad = tmp_path / "a-file" / "state"
+        (tmp_path / "a-file").write_text("")
+        r = ctlpool_cli(amqp_url, "run", "--controllers", "tests.ctl_fixtures:Recorder", "--prefix", prefix,
+                        "--partitions", str(PARTITIONS), "--log-level", "warning", "--node-id", "other",
+                        "--state-dir", str(bad))
+        # Then it exits 2 with one line naming the flag and the directory
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1
+        assert r.stderr.startswith(f"ctlpool: error: --state-dir {bad}: cannot create the node-id lock"), r.stderr
+    finally:
+        assert pool.stop() == 0
+
+
+def memory_watermark() -> str:
+    """The broker's current vm_memory_high_watermark as set_vm_memory_high_watermark takes it."""
+    out = subprocess.run(["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    m = re.fullmatch(r"\{absolute,(\d+)\}", out)
+    if m:
+        return f"absolute {m.group(1)}"
+    float(out)  # a fraction such as 0.4; anything else would not restore
+    return out
+
+
+def set_memory_watermark(value: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", *value.split()], capture_output=True,
+                   timeout=60, check=True)
+
+
+@pytest.mark.timeout(120)
+def test_publish_says_why_it_waits_while_the_broker_blocks_it(amqp_url, prefix):
+    # Given a controller's topology and `ctlpool publish --batch` reading events from a pipe
+    assert ctlpool_cli(amqp_url, "topology", "rec", "--prefix", prefix, "--partitions", "2").returncode == 0
+    env = {**os.environ, "CTLPOOL_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pool.cli", "publish", "rec", "--batch", "--prefix", prefix],
+                            env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    proc.stdin.write("".join(f"k{i}\t{{\"n\": {i}}}\n" for i in range(50)))
+    proc.stdin.flush()
+    watermark = memory_watermark()
+    try:
+        # When a memory alarm goes off on the broker (kept short: other tests share it) while it publishes
+        set_memory_watermark("0.0000001")
+        proc.stdin.close()
+        # Then it says, in one line, that the broker blocks it and why, and waits
+        wait_until(lambda: any(line.startswith("broker blocked publishing: ") for line in stderr), 8,
+                   what="the blocked line")
+        assert [line for line in stderr if line.startswith("broker blocked")] == [
+            "broker blocked publishing: low on memory; waiting (memory or disk alarm on the broker)\n"]
+        assert proc.poll() is None
+    finally:
+        # (restored however the test went)
+        set_memory_watermark(watermark)
+    # When the alarm ends
+    # Then it says so and finishes the batch, every event confirmed
+    assert proc.wait(30) == 0, "".join(stderr)
+    reader.join(5)
+    assert any(re.fullmatch(r"broker unblocked publishing after \d+\.\ds; continuing\n", line) for line in stderr), \
+        stderr
+    assert proc.stdout.read() == f"published 50 events to {prefix}.rec\n"
+    assert sum(queue_depth(amqp_url, f"{prefix}.rec.p{i:03d}") for i in range(2)) == 50
