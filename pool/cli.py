@@ -11,6 +11,8 @@
 Flags are generated from ``pool.settings.OPTIONS``; each also reads ``CTLPOOL_<NAME>``
 and a key in ``--config FILE.toml``. Any invalid input ends in one line on stderr and
 exit code 2; an unreachable broker or missing plugin in one line and exit code 69.
+Text that came from outside (keys, park reasons, errors, member names) is printed through
+``pool.text`` so that control and bidi characters show as escapes.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Any, NoReturn, Sequence
 
 import orjson
 
+from .codec import MAX_SHORTSTR
 from .errors import BrokerUnavailable, ConfigError, CtlpoolError, PluginMissing, PublishError, TopologyMismatch
 from .notify import Notifier
-from .settings import OPTIONS, PoolSettings, load_toml, resolve
+from .settings import OPTIONS, PoolSettings, load_toml, resolve, seconds
 from .supervisor import EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_UNAVAILABLE
+from .text import escape, json_safe
 
 log = logging.getLogger("ctlpool.cli")
 
@@ -49,7 +53,17 @@ def _version() -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {escape(message)}\n")
+
+
+def _arg(parse: Any) -> Any:
+    """An argparse ``type`` from a settings parser: its reason, and the value, in argparse's one line."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
+    return convert
 
 
 def _add_options(p: argparse.ArgumentParser, names: frozenset[str]) -> None:
@@ -85,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="members, partition owners, queued and parked counts")
     st.add_argument("controller", nargs="*", help="controllers to show (default: all the members run)")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--listen-s", type=float, default=2.5, metavar="S", help="how long to listen for heartbeats")
+    st.add_argument("--listen-s", type=_arg(seconds()), default=2.5, metavar="S",
+                    help="how long to listen for heartbeats (default 2.5)")
     _add_options(st, TOPOLOGY_OPTS)
 
     doc = sub.add_parser("doctor", help="check the broker and the consistent-hash plugin (--fix: start/enable locally)")
@@ -112,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fail-rate", type=float, default=0.2, metavar="F",
                       help="fraction of provider calls that fail transiently (default 0.2)")
     demo.add_argument("--store", default=None, metavar="URL", help="sqlite:///path (default: a temp file)")
-    demo.add_argument("--timeout-s", type=float, default=120.0, metavar="S", help="give up after this long")
+    demo.add_argument("--timeout-s", type=_arg(seconds()), default=120.0, metavar="S", help="give up after this long")
     _add_options(demo, RUN_OPTS - {"controllers"})
     return parser
 
@@ -151,7 +166,7 @@ def _use_tls(settings: PoolSettings) -> None:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"ctlpool: {message}", file=sys.stderr)
+    print(f"ctlpool: {escape(message)}", file=sys.stderr)
     return code
 
 
@@ -245,6 +260,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     settings = settings_from(args, BROKER_OPTS)
     b = settings.broker
+    _check_shortstr(f"{b.prefix}.{args.controller}", "CONTROLLER (with --prefix, the exchange name)")
     if args.batch:
         if args.key is not None:
             raise ConfigError("--batch: reads KEY<TAB>JSON lines from stdin; give no KEY argument")
@@ -257,12 +273,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 key, sep, body = line.partition(b"\t")
                 if not key:
                     raise ConfigError(f"stdin line {n}: empty KEY")
+                try:
+                    text_key = key.decode()
+                except UnicodeDecodeError:
+                    raise ConfigError(f"stdin line {n}: KEY is not UTF-8") from None
+                _check_shortstr(text_key, f"stdin line {n}: KEY")
                 body = body or b"{}"
                 try:
                     orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
                     raise ConfigError(f"stdin line {n}: JSON after the tab is invalid ({exc})") from None
-                yield args.controller, key.decode(), body
+                yield args.controller, text_key, body
 
         async def batch() -> int:
             async with Publisher(b.amqp_url, prefix=b.prefix) as pub:
@@ -274,6 +295,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 0
     if args.key is None:
         raise ConfigError("publish: KEY is required (or --batch)")
+    _check_shortstr(args.key, "KEY")
     payload = _parse_json(args.payload, "JSON argument") if args.payload is not None else {}
 
     async def one() -> None:
@@ -282,8 +304,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
             await pub.publish(args.controller, args.key, payload)
 
     asyncio.run(one())
-    print(f"published {args.key} to {b.prefix}.{args.controller}")
+    print(escape(f"published {args.key} to {b.prefix}.{args.controller}"))
     return 0
+
+
+def _check_shortstr(text: str, what: str) -> None:
+    """Routing keys and exchange names are AMQP short strings: UTF-8, 255 bytes at most."""
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # undecodable bytes on the command line
+        raise ConfigError(f"{what}: not valid UTF-8") from None
+    if size > MAX_SHORTSTR:
+        raise ConfigError(f"{what}: {size} bytes in UTF-8; AMQP allows at most {MAX_SHORTSTR}")
 
 
 async def _check_controller(pub: Any, controller: str) -> None:
@@ -307,7 +339,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = settings_from(args, TOPOLOGY_OPTS)
     snap = asyncio.run(collect(settings.broker, settings.topology, args.controller or None, args.listen_s))
-    print(orjson.dumps(snap, option=orjson.OPT_INDENT_2).decode() if args.json else render(snap))
+    print(_json(snap) if args.json else render(snap))
     return 0
 
 
@@ -337,12 +369,12 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
     result = asyncio.run(show())
     if args.json:
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        print(_json(result))
         return 0
     for c in result:
-        print(f"{c['exchange']}  (x-consistent-hash, {len(c['queues'])} queues, {c['queue_type']})")
+        print(f"{escape(c['exchange'])}  (x-consistent-hash, {len(c['queues'])} queues, {c['queue_type']})")
         for q in c["queues"]:
-            print(f"  {q['name']:<40} ready={q['ready']:<8} consumers={q['consumers']}")
+            print(f"  {escape(q['name']):<40} ready={q['ready']:<8} consumers={q['consumers']}")
     return 0
 
 
@@ -357,8 +389,8 @@ def cmd_parked(args: argparse.Namespace) -> int:
         return _fail(EXIT_CONFIG, "parked purge: no terminal to confirm on; add --yes to purge without asking")
 
     async def confirm(items: list[parked.Parked]) -> bool:
-        question = (f"purge {len(items)} parked event(s) of {args.controller} ({selection.describe()}) "
-                    f"from {b.prefix}.{args.controller}.parked? [y/N] ")
+        question = escape(f"purge {len(items)} parked event(s) of {args.controller} ({selection.describe()}) "
+                          f"from {b.prefix}.{args.controller}.parked? [y/N] ")
         answer = await asyncio.get_running_loop().run_in_executor(None, _ask, question)
         return answer.strip().lower() in ("y", "yes")
 
@@ -374,6 +406,10 @@ def cmd_parked(args: argparse.Namespace) -> int:
     return _print_parked(args, out)
 
 
+def _json(value: Any) -> str:
+    return json_safe(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
 def _ask(question: str) -> str:
     try:
         return input(question)
@@ -387,39 +423,38 @@ def _print_parked(args: argparse.Namespace, out: Any) -> int:
     failed = out.failed or []
     if args.json:
         if args.action in ("list", "show"):
-            print(orjson.dumps([p.as_dict(body=args.action == "show") for p in out.matched],
-                               option=orjson.OPT_INDENT_2).decode())
+            print(_json([p.as_dict(body=args.action == "show") for p in out.matched]))
         else:
-            print(orjson.dumps({"queue": out.queue, "matched": len(out.matched), args.action + "d": out.done,
-                                "declined": out.declined,
-                                "failed": [{"position": p.position, "key": p.key, "error": e} for p, e in failed]},
-                               option=orjson.OPT_INDENT_2).decode())
+            print(_json({"queue": out.queue, "matched": len(out.matched), args.action + "d": out.done,
+                         "declined": out.declined,
+                         "failed": [{"position": p.position, "key": p.key, "error": e} for p, e in failed]}))
     elif args.action == "list":
-        print(f"{out.queue}: {out.ready} parked, {len(out.matched)} selected")
+        print(f"{escape(out.queue)}: {out.ready} parked, {len(out.matched)} selected")
         if out.matched:
             print(f"{'#':>5}  {'KEY':<24} {'REASON':<20} {'ATTEMPT':>7}  {'PARKED (UTC)':<24} {'SIZE':>7}  ERROR")
         for p in out.matched:
-            print(f"{p.position:>5}  {str(p.key):<24} {p.reason:<20} {p.attempt:>7}  {iso_time(p.parked_at) or '-':<24} "
-                  f"{p.size:>7}  {p.error.splitlines()[0][:100] if p.error else ''}")
+            first_line = p.error.splitlines()[0][:100] if p.error else ""
+            print(f"{p.position:>5}  {escape(p.key):<24} {escape(p.reason):<20} {p.attempt:>7}  "
+                  f"{iso_time(p.parked_at) or '-':<24} {p.size:>7}  {escape(first_line)}")
     elif args.action == "show":
         for p in out.matched:
-            print(f"#{p.position} key={p.key} reason={p.reason} attempt={p.attempt} "
-                  f"parked={iso_time(p.parked_at) or '-'} from={p.parked_from or '-'} size={p.size}")
-            print(f"  error: {p.error}")
+            print(escape(f"#{p.position} key={p.key} reason={p.reason} attempt={p.attempt} "
+                         f"parked={iso_time(p.parked_at) or '-'} from={p.parked_from or '-'} size={p.size}"))
+            print(f"  error: {escape(p.error)}")
             d = p.as_dict(body=True)
-            print(f"  headers: {orjson.dumps(d['headers']).decode()}")
-            print(f"  body: {d['body'] if 'body' in d else 'hex:' + d['body_hex']}")
+            print(f"  headers: {escape(orjson.dumps(d['headers']).decode())}")
+            print(f"  body: {escape(d['body']) if 'body' in d else 'hex:' + d['body_hex']}")
         if not out.matched:
-            print(f"{out.queue}: nothing selected ({out.ready} parked)")
+            print(f"{escape(out.queue)}: nothing selected ({out.ready} parked)")
     elif out.declined:
         print("purge: nothing removed")
     elif args.action == "replay":
-        print(f"replayed {out.done} of {len(out.matched)} selected parked event(s) through "
-              f"{out.queue.rsplit('.', 1)[0]}")
+        print(escape(f"replayed {out.done} of {len(out.matched)} selected parked event(s) through "
+                     f"{out.queue.rsplit('.', 1)[0]}"))
         for p, err in failed:
-            print(f"  not replayed: #{p.position} key={p.key}: {err}", file=sys.stderr)
+            print(escape(f"  not replayed: #{p.position} key={p.key}: {err}"), file=sys.stderr)
     else:
-        print(f"purged {out.done} parked event(s) from {out.queue}")
+        print(escape(f"purged {out.done} parked event(s) from {out.queue}"))
     return 1 if failed else 0
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, ClassVar
 
 from .errors import ConfigError
 from .retries import RetryPolicy
+from .text import escape
 
 if TYPE_CHECKING:
     from .worker import Runtime
@@ -25,13 +27,27 @@ if TYPE_CHECKING:
 Event = Any
 """A decoded event: an instance of the controller's ``event_type``, or plain JSON values."""
 
+# The longest ``requeue_after``: a year. A longer one is a unit mistake (ms for s), and each
+# hop through the largest delay tier carries the rest, so an absurd one would ride for ever.
+MAX_REQUEUE_AFTER_S = 365 * 24 * 3600
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
     """What a reconcile may return instead of ``None``."""
 
     requeue_after: float | None = None
-    """Reconcile this key again after this many seconds (served by the delay tiers)."""
+    """Reconcile this key again after this many seconds (served by the delay tiers); 0 to a year."""
+
+    def __post_init__(self) -> None:
+        v = self.requeue_after
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"Result(requeue_after=...) must be None or a number of seconds, got {v!r}")
+        if not (math.isfinite(v) and 0 <= v <= MAX_REQUEUE_AFTER_S):
+            raise ValueError(f"Result(requeue_after=...) must be from 0 to {MAX_REQUEUE_AFTER_S} seconds "
+                             f"(a year), got {v!r}")
 
 
 class Controller:
@@ -81,18 +97,29 @@ class Context:
 
 
 def load_controller(ref: str) -> Controller:
-    """Instantiate ``module:Class``, with a one-line ConfigError when that fails."""
+    """Instantiate ``module:Class``, with a one-line ConfigError when that fails, whatever the user's code raised."""
     mod_name, _, cls_name = ref.partition(":")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise ConfigError(f"--controllers: cannot import {mod_name!r}: {exc}") from None
+        raise ConfigError(f"--controllers: cannot import {mod_name!r}: {escape(exc)}") from None
+    except (Exception, SystemExit) as exc:  # a SyntaxError, or the module's own code failing
+        raise ConfigError(f"--controllers: importing {mod_name!r} failed: {_one_line(exc)}") from None
     cls = getattr(module, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Controller)):
         raise ConfigError(f"--controllers: {ref!r} is not a Controller subclass")
-    if not cls.name or any(c in cls.name for c in " ./"):
-        raise ConfigError(f"--controllers: {ref!r} needs a class attribute name without spaces, dots or slashes")
-    return cls()
+    name = cls.name
+    if not isinstance(name, str) or not name or escape(name) != name or any(c in name for c in " ./"):
+        raise ConfigError(f"--controllers: {ref!r} needs a class attribute name, a string without spaces, dots, "
+                          f"slashes or control characters; got {name!r}")
+    try:
+        return cls()
+    except Exception as exc:
+        raise ConfigError(f"--controllers: creating {ref!r} failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return escape(f"{type(exc).__name__}: {exc}")
 
 
 def is_async(controller: Controller) -> bool:

@@ -5,7 +5,9 @@ at this host -> with ``--fix`` start the installed broker (``rabbitmq-server -de
 wait for it; not installed -> print the install command. Then probe the plugin by declaring
 a throwaway ``x-consistent-hash`` exchange on a throwaway connection (a missing plugin
 closes the whole connection on 3.10, DESIGN fact 7) -> with ``--fix`` enable it
-(``rabbitmq-plugins enable``, no restart needed). Each step prints one line.
+(``rabbitmq-plugins enable``, no restart needed). Each step prints one line. A comma-separated
+list of URLs (a cluster) is checked node by node: the plugin must be on every node. URLs are
+printed only through ``redact_url``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pika.exceptions
 
 from .amqp import url_parameters
 from .errors import PluginMissing
-from .settings import redact_url
+from .settings import redact_url, split_urls
 
 INSTALL_HINT = "apt-get install -y rabbitmq-server   (Debian/Ubuntu; then: rabbitmq-server -detached)"
 START_COMMAND = ["rabbitmq-server", "-detached"]
@@ -68,7 +70,11 @@ def _sbin(cmd: list[str]) -> list[str] | None:
 
 
 def doctor(url: str, fix: bool) -> int:
-    """Returns 0 when the broker is usable, 69 (EX_UNAVAILABLE) when not."""
+    """Returns 0 when the broker (every node of a list) is usable, 69 (EX_UNAVAILABLE) when not."""
+    return max(_check_node(node.strip(), fix) for node in split_urls(url))
+
+
+def _check_node(url: str, fix: bool) -> int:
     shown = redact_url(url)
     if not _reachable(url):
         start = _sbin(START_COMMAND)

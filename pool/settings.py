@@ -4,23 +4,41 @@ Data flow: ``OPTIONS`` lists every tunable once (flag name, parser, default, hel
 turns it into argparse flags that default to ``None``; ``resolve`` then takes, per option,
 the first value found among the flag, the environment variable ``CTLPOOL_<NAME>`` and the
 TOML file's key ``<name>`` (dashes or underscores), parses and validates it, and builds
-``PoolSettings``. Any bad value raises ``ConfigError`` naming the flag and where it came from.
+``PoolSettings``. Any bad value raises ``ConfigError`` naming the flag and where it came from;
+so does a pair that only fails together (``--member-timeout-s`` against ``--heartbeat-interval-s``).
+Broker URLs are printed only through ``redact_url``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .retries import DEFAULT_TIERS_S
+from .text import escape
+
+log = logging.getLogger("ctlpool.settings")
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+MAX_U16 = 65535  # AMQP short-uint fields: basic.qos prefetch_count, the connection's heartbeat
+# pool.topology.BROKER_DELIVERY_LIMIT, mirrored (topology imports this module); a test keeps them equal.
+# The broker's x-delivery-limit is the backstop behind --max-deliveries, so it must stay far above it.
+BROKER_DELIVERY_LIMIT = 20
+MAX_DELIVERIES = BROKER_DELIVERY_LIMIT // 2
+MAX_WORKERS = 4096  # more processes than any host has CPUs; a typo (40000) must not fork-bomb the host
+MAX_CONCURRENCY = 10_000  # each plain-def reconcile in flight holds a thread; far past this a host runs out
+MAX_SECONDS = 86_400.0  # a day: beyond any sane timeout or interval, and far from timer overflow (time_t)
+MIN_HEARTBEAT_INTERVAL_S = 0.01  # each worker publishes every interval: faster floods the members exchange
+MEMBER_TIMEOUT_HEARTBEATS = 2  # a member is dropped only after missing at least this many heartbeats
 
 
 @dataclass(frozen=True)
@@ -32,7 +50,7 @@ class BrokerSettings:
     prefix: str = "ctl"
     """Prefix of every exchange and queue name (``ctl.deployments.p000``)."""
     heartbeat_s: int = 20
-    """AMQP heartbeat; a dead broker or peer is noticed within ~2x this."""
+    """AMQP heartbeat, 1-65535 s (a 16-bit field); a dead broker or peer is noticed within ~2x this."""
     reconnect_max_s: float = 30.0
     """Cap on the reconnect backoff (starts at 0.5 s, doubles, ±20% jitter)."""
     tls_ca_file: str | None = None
@@ -54,7 +72,8 @@ class TopologySettings:
     tiers_s: tuple[int, ...] = DEFAULT_TIERS_S
     """TTLs of the delay-tier queues serving retries and ``requeue_after``."""
     max_deliveries: int = 3
-    """A message delivered this many times without being acked (it kills its worker) is parked.
+    """A message delivered this many times without being acked (it kills its worker) is parked; 1-10,
+    half the broker's own ``x-delivery-limit`` backstop (20) at most.
     3 stays under the supervisor's crash-loop limit (5 deaths in 60 s), so a poison message is
     parked before the supervisor gives up; unacked siblings of each crash are counted too."""
 
@@ -64,7 +83,8 @@ class WorkerSettings:
     """One worker process."""
 
     prefetch: int = 50
-    """Unacked deliveries per partition consumer; 50 keeps a 2-core worker busy without hoarding."""
+    """Unacked deliveries per partition consumer, 1-65535 (a 16-bit field); 50 keeps a 2-core worker busy
+    without hoarding."""
     concurrency: int = 64
     """Reconciles in flight per worker (async ones on the loop, sync ones in threads)."""
     reconcile_timeout_s: float = 300.0
@@ -76,7 +96,8 @@ class WorkerSettings:
     heartbeat_interval_s: float = 1.0
     """How often each worker announces itself on ``ctl.members``."""
     member_timeout_s: float = 5.0
-    """A member silent this long is gone and its partitions move (about 5 missed heartbeats)."""
+    """A member silent this long is gone and its partitions move (about 5 missed heartbeats); at least
+    2x ``heartbeat_interval_s``."""
 
 
 @dataclass(frozen=True)
@@ -115,20 +136,31 @@ def default_state_dir(env: Mapping[str, str]) -> str:
     return runtime or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}")
 
 
+# A comma that starts another URL of a list (``amqp://a,amqp://b``); a comma in a password does not.
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of a comma-separated list (a cluster's nodes), or ``[text]`` when it is one URL."""
+    return _NEXT_URL.split(text)
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (its whole user part if the URL does not parse)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        scheme, sep, rest = url.partition("://")
-        _, at, host = rest.rpartition("@")
-        return f"{scheme}{sep}***@{host}" if at else url
-    if password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    """The URL (or each URL of a list) with its password replaced by ``***``.
+
+    The user part ends at the *last* ``@``: a password holding an unencoded ``/``, ``?``, ``#`` or
+    ``@`` fools ``urlsplit``, not this (an ``@`` in the vhost hides a little too much instead).
+    """
+    return ",".join(_redact_one(u) for u in split_urls(url))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:***@{host}" if at and colon else url
 
 
 # ---- parsers: str | TOML value -> value, raising ValueError with a short reason ----
@@ -145,6 +177,23 @@ def _positive_int(v: Any) -> int:
     return n
 
 
+def _int_in(lo: int, hi: int, why: str = "") -> Callable[[Any], int]:
+    """A parser of whole numbers from ``lo`` to ``hi``; ``why`` tells where the bound comes from."""
+    expected = f"expected a whole number from {lo} to {hi}{why}"
+
+    def parse(v: Any) -> int:
+        if isinstance(v, bool):
+            raise ValueError(expected)
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(expected) from None
+        if not lo <= n <= hi or (isinstance(v, float) and v != n):
+            raise ValueError(expected)
+        return n
+    return parse
+
+
 def _positive_float(v: Any) -> float:
     if isinstance(v, bool):  # TOML true is not 1.0
         raise ValueError("expected a positive number")
@@ -155,6 +204,22 @@ def _positive_float(v: Any) -> float:
     if not x > 0 or x != x or x == float("inf"):
         raise ValueError("expected a positive number")
     return x
+
+
+def seconds(lo: float = 0.0, hi: float = MAX_SECONDS) -> Callable[[Any], float]:
+    """A parser of finite seconds up to ``hi``: more than 0 (``lo`` = 0), else from ``lo``."""
+    expected = f"expected seconds, more than 0 and at most {hi:g}" if lo == 0 else \
+        f"expected seconds from {lo:g} to {hi:g}"
+
+    def parse(v: Any) -> float:
+        try:
+            x = _positive_float(v)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not lo <= x <= hi:
+            raise ValueError(expected)
+        return x
+    return parse
 
 
 def _bool(v: Any) -> bool:
@@ -187,15 +252,27 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def _url(v: Any) -> str:
-    s = str(v).strip()
-    parts = urlsplit(s)
+    """One broker URL, or a comma-separated list of them; each must parse one way only."""
+    urls = [u.strip() for u in split_urls(str(v).strip())]
+    for u in urls:
+        _check_url(u)
+    return ",".join(urls)
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ValueError("expected amqp://user:pass@host:port/vhost or amqps://…")
+    rest = url.partition("://")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in rest[len(authority):]:
+        # urlsplit ends the user part at the first / ? #, redact_url at the last @: say it plainly
+        raise ValueError("the user or password holds a '/', '?' or '#' (or the vhost an '@'); "
+                         "percent-encode them: %2F %3F %23 %40")
     try:
         parts.port
     except ValueError:
-        raise ValueError("the port is not a number") from None
-    return s
+        raise ValueError("the port is not a number from 0 to 65535") from None
 
 
 def _name(v: Any) -> str:
@@ -266,12 +343,20 @@ def _readable_file(v: Any) -> str:
 
 
 def _read_url_file(v: Any) -> str:
+    """The URL in the file; a file others may read gets a warning (it holds the password), not a refusal."""
     path = str(v)
     try:
         with open(path, encoding="utf-8") as fh:
-            return _url(fh.read())
+            mode = os.fstat(fh.fileno()).st_mode
+            text = fh.read()
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text") from None
+    if mode & 0o077:
+        log.warning("--amqp-url-file: %s can be read by group or others (mode %03o) and holds the broker "
+                    "password; restrict it: chmod 600 %s", escape(path), mode & 0o777, escape(path))
+    return _url(text)
 
 
 @dataclass(frozen=True)
@@ -288,7 +373,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("controllers", None, "controllers", _controllers, "controllers to run, MODULE:CLASS[,MODULE:CLASS...]", "REFS"),
-    Option("workers", None, "workers", _positive_int, "worker processes (default: usable CPUs)", "N"),
+    Option("workers", None, "workers", _int_in(1, MAX_WORKERS), f"worker processes, 1-{MAX_WORKERS} (default: usable CPUs)", "N"),
     Option("pin", None, "pin", _pin, "pin workers to CPUs: auto (default: unless the broker runs on this host), true or false; --no-pin = false", "MODE"),
     Option("node-id", None, "node_id", _name, "this host's member name (default: hostname)", "ID"),
     Option("weight", None, "weight", _positive_float, "relative share of partitions per worker (default 1)", "W"),
@@ -303,18 +388,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-ca-file", "broker", "tls_ca_file", _readable_file, "amqps://: CA bundle (PEM) to verify the broker with (default: system CAs)", "FILE"),
     Option("tls-cert-file", "broker", "tls_cert_file", _readable_file, "amqps://: client certificate (PEM) for brokers that require one", "FILE"),
     Option("tls-key-file", "broker", "tls_key_file", _readable_file, "amqps://: private key (PEM) of --tls-cert-file, if a separate file", "FILE"),
-    Option("heartbeat-s", "broker", "heartbeat_s", _positive_int, "AMQP heartbeat seconds (default 20)", "S"),
+    Option("heartbeat-s", "broker", "heartbeat_s", _int_in(1, MAX_U16, " (a 16-bit AMQP field)"), "AMQP heartbeat seconds, 1-65535 (default 20)", "S"),
     Option("partitions", "topology", "partitions", _positive_int, "partition queues per controller (default 64)", "P"),
     Option("queue-type", "topology", "queue_type", _choice("quorum", "classic"), "quorum (default) or classic", "TYPE"),
     Option("tiers-s", "topology", "tiers_s", _tiers, "delay tier TTLs in seconds (default 1,4,16,64,256,1024)", "LIST"),
-    Option("max-deliveries", "topology", "max_deliveries", _positive_int, "park a message after this many unacked deliveries (default 3)", "N"),
-    Option("prefetch", "worker", "prefetch", _positive_int, "unacked deliveries per partition consumer (default 50)", "N"),
-    Option("concurrency", "worker", "concurrency", _positive_int, "reconciles in flight per worker (default 64)", "N"),
-    Option("reconcile-timeout-s", "worker", "reconcile_timeout_s", _positive_float, "per-reconcile timeout (default 300)", "S"),
-    Option("drain-timeout-s", "worker", "drain_timeout_s", _positive_float, "time in-flight work gets on SIGTERM (default 60)", "S"),
+    Option("max-deliveries", "topology", "max_deliveries", _int_in(1, MAX_DELIVERIES, f" (half the broker's delivery limit, {BROKER_DELIVERY_LIMIT})"),
+           f"park a message after this many unacked deliveries, 1-{MAX_DELIVERIES} (default 3)", "N"),
+    Option("prefetch", "worker", "prefetch", _int_in(1, MAX_U16, " (a 16-bit AMQP field)"), "unacked deliveries per partition consumer, 1-65535 (default 50)", "N"),
+    Option("concurrency", "worker", "concurrency", _int_in(1, MAX_CONCURRENCY), f"reconciles in flight per worker, 1-{MAX_CONCURRENCY} (default 64)", "N"),
+    Option("reconcile-timeout-s", "worker", "reconcile_timeout_s", seconds(), "per-reconcile timeout, at most a day (default 300)", "S"),
+    Option("drain-timeout-s", "worker", "drain_timeout_s", seconds(), "time in-flight work gets on SIGTERM, at most a day (default 60)", "S"),
     Option("reroute-on-acquire", "worker", "reroute_on_acquire", _bool, "ring-drift guard (default true; false only on RabbitMQ >= 4.3)", "BOOL"),
-    Option("heartbeat-interval-s", "worker", "heartbeat_interval_s", _positive_float, "membership heartbeat period (default 1)", "S"),
-    Option("member-timeout-s", "worker", "member_timeout_s", _positive_float, "a member silent this long is gone (default 5)", "S"),
+    Option("heartbeat-interval-s", "worker", "heartbeat_interval_s", seconds(MIN_HEARTBEAT_INTERVAL_S),
+           f"membership heartbeat period, {MIN_HEARTBEAT_INTERVAL_S:g}-{MAX_SECONDS:g} (default 1)", "S"),
+    Option("member-timeout-s", "worker", "member_timeout_s", seconds(),
+           f"a member silent this long is gone; at least {MEMBER_TIMEOUT_HEARTBEATS}x --heartbeat-interval-s (default 5)", "S"),
 )
 
 ENV_PREFIX = "CTLPOOL_"
@@ -376,9 +464,19 @@ def resolve(
                 break  # --amqp-url, from any source, wins over --amqp-url-file
             groups[opt.group][opt.attr] = value
             break
-    return PoolSettings(
+    settings = PoolSettings(
         broker=BrokerSettings(**groups["broker"]),
         topology=TopologySettings(**groups["topology"]),
         worker=WorkerSettings(**groups["worker"]),
         **groups[None],
     )
+    _check_together(settings.worker)
+    return settings
+
+
+def _check_together(w: WorkerSettings) -> None:
+    """Settings that are each valid but not with each other."""
+    if w.member_timeout_s < MEMBER_TIMEOUT_HEARTBEATS * w.heartbeat_interval_s:
+        raise ConfigError(f"--member-timeout-s: must be at least {MEMBER_TIMEOUT_HEARTBEATS}x --heartbeat-interval-s "
+                          f"({w.heartbeat_interval_s:g}), or a live member is dropped between two heartbeats; "
+                          f"got {w.member_timeout_s:g}")

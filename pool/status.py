@@ -5,7 +5,8 @@ Data flow: bind a private queue to ``ctl.members``, listen for a few heartbeat i
 counts), then read each partition's ready count with a passive declare. Owners are what
 the members themselves report, not a prediction, so a handover in progress shows up as
 it is (a partition with no owner for a moment, or one listed twice while the broker's
-single-consumer lock decides).
+single-consumer lock decides). Anyone who may publish to ``ctl.members`` writes the names
+``render`` shows, so they go through ``pool.text.escape``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from . import membership, topology
 from .amqp import connect
 from .settings import BrokerSettings, TopologySettings, redact_url
+from .text import escape
 
 DEFAULT_LISTEN_S = 2.5  # a little over two default heartbeat intervals
 
@@ -75,23 +77,23 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
 
 def render(snapshot: dict[str, Any]) -> str:
     """Human-readable form of ``collect``'s result."""
-    lines = [f"broker {snapshot['broker']}", "", f"members ({len(snapshot['members'])}):"]
+    lines = [f"broker {escape(snapshot['broker'])}", "", f"members ({len(snapshot['members'])}):"]
     by_node: dict[str, list[dict[str, Any]]] = {}
     for m in snapshot["members"]:
         by_node.setdefault(m["node"], []).append(m)
     for node, ms in sorted(by_node.items()):
-        lines.append(f"  {node}  workers={len(ms)} weight={ms[0]['weight']:g}")
+        lines.append(f"  {escape(node)}  workers={len(ms)} weight={ms[0]['weight']:g}")
         for m in ms:
-            owned = ", ".join(f"{c}:{n}" for c, n in sorted(m["partitions"].items())) or "-"
-            lines.append(f"    {m['id']:<24} pid={m['pid']:<7} partitions {owned:<20} "
+            owned = escape(", ".join(f"{c}:{n}" for c, n in sorted(m["partitions"].items())) or "-")
+            lines.append(f"    {escape(m['id']):<24} pid={m['pid']:<7} partitions {owned:<20} "
                          f"last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago")
     for c in snapshot["controllers"]:
         parts = c["partitions"]
         ready = sum(p["ready"] or 0 for p in parts)
         unacked = sum(p["unacked"] for p in parts)
-        lines += ["", f"controller {c['controller']}: {len(parts)} partitions, ready {ready}, "
+        lines += ["", f"controller {escape(c['controller'])}: {len(parts)} partitions, ready {ready}, "
                       f"unacked {unacked}, parked {c['parked']}"]
         for p in parts:
-            owner = ",".join(p["owner"]) or ("(missing queue)" if not p["exists"] else "(none)")
+            owner = escape(",".join(p["owner"])) or ("(missing queue)" if not p["exists"] else "(none)")
             lines.append(f"  p{p['partition']:03d}  owner {owner:<24} ready {p['ready']!s:<8} unacked {p['unacked']}")
     return "\n".join(lines)

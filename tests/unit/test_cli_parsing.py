@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 
 from pool.cli import main
 from pool.supervisor import EXIT_CONFIG
+from pool.text import escape
+from tests.helpers import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -198,3 +202,121 @@ def test_a_bad_url_in_the_environment_is_not_echoed(monkeypatch: pytest.MonkeyPa
     assert code == 2
     assert "CTLPOOL_AMQP_URL" in one_line(err)
     assert "hunter2" not in err + out
+
+
+# ---- the same promise, as an operator meets it: a subprocess, one line, exit 2, nothing leaked ----
+
+DEAD_URL = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens there: a command that connects fails fast (69)
+
+
+def ctlpool(*args: str, path: tuple[Path, ...] = (), env: dict[str, str | None] | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+    """``python -m pool.cli ARGS`` with no CTLPOOL_* of the developer's (``env`` None values unset one);
+    ``path`` joins PYTHONPATH."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CTLPOOL_")}
+    merged = {**clean, "CTLPOOL_AMQP_URL": DEAD_URL,
+              "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, path)]), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pool.cli", *args], cwd=ROOT, capture_output=True, timeout=60,
+                          env={k: v for k, v in merged.items() if v is not None}, stdin=subprocess.DEVNULL)
+
+
+def refused(r: subprocess.CompletedProcess[bytes], *needles: str, secret: str | None = None) -> str:
+    """Assert: exit 2, one line on stderr, no traceback, nothing a terminal would act on; the line."""
+    err = r.stderr.decode("utf-8", "surrogateescape")
+    assert r.returncode == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert escape(lines[0]) == lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if secret is not None:
+        assert secret.encode() not in r.stderr + r.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["run", "--controllers", "x:Y", "--prefetch", "70000"], ["--prefetch", "65535", "70000"]),
+        (["run", "--controllers", "x:Y", "--heartbeat-s", "70000"], ["--heartbeat-s", "65535", "70000"]),
+        (["status", "--heartbeat-s", "65536"], ["--heartbeat-s", "65535"]),
+        (["status", "--listen-s", "nan"], ["--listen-s", "nan"]),
+        (["status", "--listen-s", "-1"], ["--listen-s"]),
+        (["demo", "--timeout-s", "nan"], ["--timeout-s", "nan"]),
+        (["run", "--controllers", "x:Y", "--member-timeout-s", "0.001"], ["--member-timeout-s", "--heartbeat-interval-s"]),
+        (["run", "--controllers", "x:Y", "--max-deliveries", "11"], ["--max-deliveries", "10", "20"]),
+        (["run", "--controllers", "x:Y", "--concurrency", "10001"], ["--concurrency"]),
+        (["run", "--controllers", "x:Y", "--drain-timeout-s", "1e300"], ["--drain-timeout-s"]),
+        (["run", "--controllers", "x:Y", "--reconcile-timeout-s", "1e300"], ["--reconcile-timeout-s"]),
+        (["publish", "web", "k" * 256], ["KEY", "256 bytes", "255"]),
+        (["publish", "web", "é" * 128], ["KEY", "256 bytes"]),  # 128 characters, 256 bytes
+        (["publish", "web", os.fsdecode(b"\xff\xfe")], ["KEY", "not valid UTF-8"]),  # not UTF-8 on the command line
+        (["publish", "w" * 252, "key"], ["CONTROLLER", "256 bytes"]),  # ctl.www…: the exchange name
+        (["run", "\x1b[2J\u202e"], ["unrecognized arguments", "\\x1b[2J\\u202e"]),
+    ],
+)
+def test_out_of_range_input_is_one_line_and_exit_2(argv: list[str], needles: list[str]) -> None:
+    # Given a command line with one value the broker or the pool cannot take
+    # When ctlpool runs it as a process
+    r = ctlpool(*argv)
+    # Then it exits 2 before connecting, with one escaped line naming what is wrong
+    refused(r, *needles)
+    assert r.stdout == b""
+
+
+CONTROLLER_SOURCES = {
+    "name_is_int": ("from pool import Controller\nclass C(Controller):\n    name = 5\n", "needs a class attribute name"),
+    "init_raises": ("from pool import Controller\nclass C(Controller):\n    name = 'ok'\n    def __init__(self):\n"
+                    "        raise RuntimeError('db down\\n\\x1b[31mred')\n", "RuntimeError: db down\\n\\x1b[31mred"),
+    "import_raises": ("raise KeyError('HOME')\n", "importing"),
+    "syntax_error": ("def broken(:\n", "SyntaxError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTROLLER_SOURCES))
+def test_a_controller_that_cannot_load_stops_run_in_one_line(case: str, tmp_path: Path) -> None:
+    # Given a controller module that breaks on import, on its name or in __init__
+    source, needle = CONTROLLER_SOURCES[case]
+    (tmp_path / f"{case}.py").write_text(source)
+    # When ctlpool run is asked to run it
+    r = ctlpool("run", "--controllers", f"{case}:C", "--log-format", "text", path=(tmp_path,))
+    # Then it exits 2 with one line, no traceback, before touching the broker
+    line = refused(r, "--controllers", needle)
+    assert line.startswith("ctlpool: error: --controllers: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("amqp://svc:hun/ter2@rabbit/", "ter2"),
+        ("amqp://svc:hun?ter2@rabbit/", "ter2"),
+        ("amqp://svc:12/hunter2@rabbit/", "hunter2"),  # urlsplit alone would see host "svc", port 12
+        ("amqp://svc:pw@node1,amqp://svc:hunter2@node2:99999/", "hunter2"),
+    ],
+)
+@pytest.mark.parametrize("command", [["run", "--controllers", "x:Y"], ["doctor"]])
+def test_a_url_that_cannot_be_used_safely_is_refused_without_its_password(url: str, secret: str,
+                                                                           command: list[str]) -> None:
+    # Given a broker URL whose password holds an unencoded / or ?, or a list whose second node is broken
+    # When ctlpool starts with it in the environment
+    r = ctlpool(*command, env={"CTLPOOL_AMQP_URL": url})
+    # Then it exits 2 in one line naming the variable, and the password is printed nowhere
+    refused(r, "CTLPOOL_AMQP_URL", secret=secret)
+
+
+def test_amqp_url_file_others_can_read_is_used_with_one_warning(tmp_path: Path) -> None:
+    # Given a URL file that others may read
+    url_file = tmp_path / "amqp-url"
+    url_file.write_text("amqp://svc:hunter2@127.0.0.1:1/%2F\n")
+    os.chmod(url_file, 0o644)
+    # When ctlpool run reads it (and then stops at a controller that does not exist)
+    r = ctlpool("run", "--amqp-url-file", str(url_file), "--controllers", "nosuchmod:X",
+                env={"CTLPOOL_AMQP_URL": None})
+    # Then the URL was accepted: a warning line names the file and chmod 600, then the controller error follows
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err
+    warning, error = err.splitlines()
+    assert str(url_file) in warning and f"chmod 600 {url_file}" in warning
+    assert "nosuchmod" in error
+    assert "hunter2" not in err

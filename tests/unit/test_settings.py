@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from pool.errors import ConfigError
 from pool.retries import DEFAULT_TIERS_S
+from pool import topology
 from pool.settings import (
+    BROKER_DELIVERY_LIMIT,
     DEFAULT_AMQP_URL,
     OPTIONS,
     BrokerSettings,
@@ -20,6 +24,7 @@ from pool.settings import (
     load_toml,
     redact_url,
     resolve,
+    split_urls,
 )
 
 # One bad raw value per option (as a flag, env var or TOML string would carry it).
@@ -41,6 +46,7 @@ BAD_VALUES: dict[str, str] = {
     "max-deliveries": "-2",
     "metrics-port": "70000",
     "metrics-host": "two words",
+    "state-dir": "  ",
     "tls-ca-file": "/nonexistent/ca.pem",
     "tls-cert-file": "/nonexistent/cert.pem",
     "tls-key-file": "/nonexistent/key.pem",
@@ -281,8 +287,20 @@ def test_settings_are_frozen() -> None:
         ("amqp://user:secret@[::1]:5672/", "amqp://user:***@[::1]:5672/"),
         ("amqp://user@host/", "amqp://user@host/"),
         ("amqp://host/", "amqp://host/"),
-        ("amqp://user:secret@[oops/", "amqp://***@[oops/"),
+        ("amqp://user:secret@[oops/", "amqp://user:***@[oops/"),
         ("not a url", "not a url"),
+        # an unencoded / ? # @ in the password: urlsplit ends the user part too early (or not at all)
+        ("amqp://user:se/cret@host/", "amqp://user:***@host/"),
+        ("amqp://user:12/secret@host/vh", "amqp://user:***@host/vh"),  # urlsplit: host "user", port 12
+        ("amqp://user:se?cret@host/", "amqp://user:***@host/"),
+        ("amqp://user:se#cret@host/", "amqp://user:***@host/"),
+        ("amqp://user:se@cret@host/", "amqp://user:***@host/"),
+        ("amqp://user:se,cret@host/", "amqp://user:***@host/"),  # a comma in a password is not a list
+        ("user:secret@host", "user:***@host"),  # no scheme at all
+        # a cluster list: every element redacted
+        ("amqp://u:secret@h1,amqp://u:secret2@h2/", "amqp://u:***@h1,amqp://u:***@h2/"),
+        ("amqp://u:secret@h1:5672/%2F, amqps://v:se/cret@h2", "amqp://u:***@h1:5672/%2F, amqps://v:***@h2"),
+        ("amqp://h1,amqp://u:secret@h2/", "amqp://h1,amqp://u:***@h2/"),
     ],
 )
 def test_redact_url_hides_the_password(url: str, redacted: str) -> None:
@@ -291,10 +309,13 @@ def test_redact_url_hides_the_password(url: str, redacted: str) -> None:
     out = redact_url(url)
     # Then the password is gone and the rest is intact
     assert out == redacted
-    assert "secret" not in out and "s3cr" not in out
+    assert "secret" not in out and "s3cr" not in out and "cret" not in out
 
 
-@pytest.mark.parametrize("url", ["amqp://user:secret@host:56x72/", "amqp://user:secret@[oops/", "http://user:secret@h/"])
+@pytest.mark.parametrize("url", ["amqp://user:secret@host:56x72/", "amqp://user:secret@[oops/", "http://user:secret@h/",
+                                 "amqp://user:se/cret@host/", "amqp://user:12/secret@host/",
+                                 "amqp://u:pw@h1,amqp://u:secret@h2:99999/", "amqp://u:pw@h1,http://u:secret@h2/",
+                                 "user:secret@host"])
 def test_a_bad_url_is_refused_without_printing_its_password(url: str) -> None:
     # Given an invalid broker URL that carries a password, in the environment
     # When resolved
@@ -303,7 +324,127 @@ def test_a_bad_url_is_refused_without_printing_its_password(url: str) -> None:
     # Then the error names the flag and its source, but not the password
     text = str(info.value)
     assert text.startswith("--amqp-url (from CTLPOOL_AMQP_URL): ")
-    assert "secret" not in text
+    assert "secret" not in text and "cret" not in text
+
+
+@pytest.mark.parametrize("url", ["amqp://user:se/cret@host/", "amqp://user:se?cret@host/", "amqp://user:se#cret@host/",
+                                 "amqp://user:12/secret@host/vh", "amqp://u:p@host/v@h"])
+def test_a_url_that_parses_two_ways_is_refused_asking_for_percent_encoding(url: str) -> None:
+    # Given a URL whose user part holds an unencoded / ? or # (or whose vhost holds an @)
+    # When resolved
+    with pytest.raises(ConfigError) as info:
+        settings_from(flags={"amqp-url": url})
+    # Then it is refused, saying how to write it, without the password
+    text = str(info.value)
+    assert text.startswith("--amqp-url: the user or password holds")
+    assert "percent-encode" in text and "%2F" in text
+    assert "cret" not in text
+
+
+def test_an_at_sign_in_the_password_is_unambiguous_and_accepted() -> None:
+    # Given a password with an unencoded @ (the user part ends at the last @, for pika as for us)
+    url = "amqp://user:se@cret@host:5672/%2F"
+    # When resolved
+    s = settings_from(flags={"amqp-url": url})
+    # Then it is taken as it is, and shown redacted
+    assert s.broker.amqp_url == url
+    assert redact_url(s.broker.amqp_url) == "amqp://user:***@host:5672/%2F"
+
+
+def test_a_list_of_urls_is_split_before_each_scheme_only() -> None:
+    # Given a cluster list, with a comma inside one password
+    text = "amqp://u:p,w@h1,amqp://u:p2@h2, amqps://u:p3@h3/vh"
+    # When split
+    # Then each URL is whole, the password's comma included
+    assert split_urls(text) == ["amqp://u:p,w@h1", "amqp://u:p2@h2", " amqps://u:p3@h3/vh"]
+    assert split_urls("amqp://h/") == ["amqp://h/"]
+
+
+def test_a_list_of_urls_is_accepted_and_each_checked() -> None:
+    # Given a cluster list in the environment
+    # When resolved
+    s = settings_from(env={"CTLPOOL_AMQP_URL": "amqp://u:p@h1:5672/%2F, amqp://u:p@h2:5672/%2F"})
+    # Then every node is kept, trimmed
+    assert s.broker.amqp_url == "amqp://u:p@h1:5672/%2F,amqp://u:p@h2:5672/%2F"
+
+
+def test_broker_delivery_limit_mirrors_the_topology() -> None:
+    # Given the limit settings.py mirrors (topology imports settings, not the other way round)
+    # When compared with the one the partitions are declared with
+    # Then they are the same, and --max-deliveries stays at most half of it
+    assert BROKER_DELIVERY_LIMIT == topology.BROKER_DELIVERY_LIMIT
+    assert settings_from(flags={"max-deliveries": str(BROKER_DELIVERY_LIMIT // 2)}).topology.max_deliveries == 10
+    with pytest.raises(ConfigError):
+        settings_from(flags={"max-deliveries": str(BROKER_DELIVERY_LIMIT // 2 + 1)})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("prefetch", "70000"), ("prefetch", "65536"), ("prefetch", "0"),
+        ("heartbeat-s", "70000"), ("heartbeat-s", "0"),
+        ("max-deliveries", "11"), ("max-deliveries", "0"),
+        ("concurrency", "10001"), ("workers", "5000"),
+        ("reconcile-timeout-s", "1e300"), ("reconcile-timeout-s", "86401"), ("reconcile-timeout-s", "-inf"),
+        ("drain-timeout-s", "1e300"), ("drain-timeout-s", "0"),
+        ("heartbeat-interval-s", "0.001"), ("heartbeat-interval-s", "nan"),
+        ("member-timeout-s", "inf"), ("member-timeout-s", "nan"),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused(name: str, value: str) -> None:
+    # Given a number the field or the pool cannot use (a 16-bit AMQP field, a timer, a fork count)
+    # When resolved
+    with pytest.raises(ConfigError) as info:
+        settings_from(flags={name: value})
+    # Then it is refused naming the flag, the range and the value
+    text = str(info.value)
+    assert text.startswith(f"--{name}: expected ")
+    assert repr(value) in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "read"),
+    [
+        ("prefetch", "65535", lambda s: s.worker.prefetch),
+        ("heartbeat-s", "65535", lambda s: s.broker.heartbeat_s),
+        ("max-deliveries", "1", lambda s: s.topology.max_deliveries),
+        ("concurrency", "10000", lambda s: s.worker.concurrency),
+        ("drain-timeout-s", "86400", lambda s: s.worker.drain_timeout_s),
+        ("heartbeat-interval-s", "0.01", lambda s: s.worker.heartbeat_interval_s),
+    ],
+)
+def test_numbers_at_the_edge_of_their_range_are_accepted(name: str, value: str, read) -> None:  # noqa: ANN001
+    # Given the largest (or smallest) value a field takes
+    # When resolved
+    # Then it is taken
+    assert read(settings_from(flags={name: value})) == float(value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ({"member-timeout-s": "0.001"}, {}),
+        ({"heartbeat-interval-s": "3"}, {}),  # the default member timeout (5 s) is then too short
+        ({"member-timeout-s": "1.9"}, {"CTLPOOL_HEARTBEAT_INTERVAL_S": "1"}),
+    ],
+)
+def test_member_timeout_must_cover_two_heartbeats(flags: dict[str, str], env: dict[str, str]) -> None:
+    # Given a member timeout shorter than two heartbeat intervals
+    # When resolved
+    with pytest.raises(ConfigError) as info:
+        settings_from(flags=flags, env=env)
+    # Then it is refused naming both flags, on one line
+    text = str(info.value)
+    assert text.startswith("--member-timeout-s: ") and "--heartbeat-interval-s" in text
+    assert "\n" not in text
+
+
+def test_member_timeout_of_exactly_two_heartbeats_is_accepted() -> None:
+    # Given the shortest member timeout allowed
+    # When resolved
+    s = settings_from(flags={"heartbeat-interval-s": "0.5", "member-timeout-s": "1"})
+    # Then it is taken
+    assert (s.worker.heartbeat_interval_s, s.worker.member_timeout_s) == (0.5, 1.0)
 
 
 def test_amqp_url_file_reads_the_url(tmp_path: Path) -> None:
@@ -324,6 +465,37 @@ def test_amqp_url_beats_amqp_url_file(tmp_path: Path) -> None:
     s = settings_from(flags={"amqp-url-file": str(url_file)}, env={"CTLPOOL_AMQP_URL": "amqp://env:pw@envhost/"})
     # Then the explicit URL wins, whatever its source
     assert s.broker.amqp_url == "amqp://env:pw@envhost/"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_amqp_url_file_others_may_read_is_used_with_a_warning(tmp_path: Path, mode: int,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Given a credentials file that group or others may read
+    url_file = tmp_path / "amqp-url"
+    url_file.write_text("amqp://svc:pw@rabbit/\n")
+    os.chmod(url_file, mode)
+    # When --amqp-url-file points at it
+    with caplog.at_level(logging.WARNING, logger="ctlpool.settings"):
+        s = settings_from(flags={"amqp-url-file": str(url_file)})
+    # Then the URL is still used, and one warning line names the file and the fix, not the password
+    assert s.broker.amqp_url == "amqp://svc:pw@rabbit/"
+    [record] = caplog.records
+    text = record.getMessage()
+    assert str(url_file) in text and f"chmod 600 {url_file}" in text and f"{mode:03o}" in text
+    assert "\n" not in text and "pw@" not in text
+
+
+def test_amqp_url_file_only_its_owner_may_read_gets_no_warning(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # Given a credentials file with mode 600 (or 400, as systemd's LoadCredential= makes it)
+    url_file = tmp_path / "amqp-url"
+    url_file.write_text("amqp://svc:pw@rabbit/")
+    os.chmod(url_file, 0o600)
+    # When --amqp-url-file points at it
+    with caplog.at_level(logging.WARNING, logger="ctlpool.settings"):
+        settings_from(flags={"amqp-url-file": str(url_file)})
+    # Then nothing is said
+    assert caplog.records == []
 
 
 def test_amqp_url_file_with_a_bad_url_is_refused_without_echoing_it(tmp_path: Path) -> None:
