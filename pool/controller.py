@@ -15,14 +15,12 @@ import concurrent.futures
 import importlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, ClassVar
+from typing import Any, Awaitable, ClassVar, Protocol
 
 from .errors import ConfigError
 from .retries import RetryPolicy
 from .text import escape
 
-if TYPE_CHECKING:
-    from .worker import Runtime
 
 Event = Any
 """A decoded event: an instance of the controller's ``event_type``, or plain JSON values."""
@@ -94,6 +92,21 @@ class Context:
         From a plain ``def`` reconcile (a thread), call it; it returns a concurrent future.
         """
         return self._runtime.emit(self, controller, key, payload)
+
+    def check(self) -> None:
+        """Raise ``pool.fence.Fenced`` (a ``CancelledError``) if this worker may have lost the item's
+        partition: its lease on the broker ran out (a frozen process, a blocked loop). Async
+        reconciles are checked before every step anyway; a long plain-def reconcile calls this
+        before each side effect. ``publish`` checks it too."""
+        self._runtime.check_lease()
+
+
+class Runtime(Protocol):
+    """What a ``Context`` needs from the worker that runs the reconcile."""
+
+    def emit(self, ctx: Context, controller: str, key: str, payload: Any) -> Any: ...
+
+    def check_lease(self) -> None: ...
 
 
 def load_controller(ref: str) -> Controller:

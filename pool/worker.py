@@ -944,12 +944,9 @@ class Worker:
         assert self._pub is not None
         fut = self._timed(self._pub.publish(exchange, key, body, headers, pika.BasicProperties(content_type=content_type)))
 
-        def done(f: asyncio.Future[None]) -> None:
+        def done(f: asyncio.Future[None]) -> None:  # a failure is the awaiting caller's to handle
             if not f.cancelled() and f.exception() is None:
                 self._ack_all(items)
-            elif not f.cancelled() and not isinstance(f.exception(), ChannelGone):
-                log.error("publish before ack failed, deliveries left unacked: %s", f.exception(),
-                          extra={"worker": self.index, "key": key})
         fut.add_done_callback(done)
         return fut
 
@@ -990,8 +987,14 @@ class Worker:
 
     # ---------------------------------------------------------------- ctx.publish
 
+    def check_lease(self) -> None:
+        """``Context.check``: raise ``Fenced`` once the lease is lost (from the loop or a reconcile thread)."""
+        if not self._lease.valid():
+            raise Fenced(self._lease.why)
+
     def emit(self, ctx: Context, controller: str, key: str, payload: Any) -> Any:
         """``Context.publish``: from the loop (async reconcile) or from a reconcile thread."""
+        self.check_lease()
         body = codec.encode(payload)
         exchange = f"{self.settings.broker.prefix}.{controller}"
         if threading.get_ident() == self._loop_thread:

@@ -5,7 +5,13 @@ with one ``os.write`` (atomic for short lines with O_APPEND, and it survives SIG
 key, start/end on CLOCK_MONOTONIC (shared by all processes on the host), pid, the event's
 ``n``, deliveries covered (``c`` = ctx.coalesced + 1), attempt and the outcome.
 
-The event drives behaviour: ``sleep_ms`` (hold the key), ``fail`` (raise on attempts < fail),
+A reconcile cancelled while it waits (connection loss, a lost lease) is recorded too, as
+``r="cancelled"`` with ``e`` = when it last ran (it did nothing after that), so it counts toward
+overlaps like any other.
+
+The event drives behaviour: ``sleep_ms`` (hold the key), ``block_s`` (block the event loop with
+``time.sleep`` once per test, marked by a file), ``fail`` (raise on attempts < fail),
+``raise`` (raise that BaseException by name), ``result`` (return ``"nan"``: Result(nan), ``"str"``: a string),
 ``crash`` (kill the worker process), ``mark_start`` (record a "start" line at once), ``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
 of the delay after wall time t0).
 """
@@ -33,6 +39,15 @@ def _record(rec: dict[str, Any]) -> None:
     os.write(fd, orjson.dumps(rec) + b"\n")
 
 
+def _first_time(name: str) -> bool:
+    """True once per test run (a marker file in the record dir, created atomically)."""
+    try:
+        os.close(os.open(os.path.join(os.environ["CTLPOOL_TEST_RECORD_DIR"], name), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
 def _policy() -> RetryPolicy:
     return RetryPolicy(base_s=float(os.environ.get("CTLPOOL_TEST_BASE_S", "1")), factor=2.0,
                        max_delay_s=8.0, max_attempts=int(os.environ.get("CTLPOOL_TEST_MAX_ATTEMPTS", "4")),
@@ -45,6 +60,13 @@ def _outcome(key: str, event: Any, ctx: Any) -> Result | None:
         raise Permanent(f"item {key} is invalid")
     if ctx.attempt < ev.get("fail", 0):
         raise RuntimeError(f"transient failure {ctx.attempt + 1}")
+    if ev.get("raise"):
+        raise {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt,
+               "BaseException": BaseException}[ev["raise"]]("raised by the reconcile")
+    if ev.get("result") == "nan":
+        return Result(requeue_after=float("nan"))
+    if ev.get("result") == "str":
+        return "done"  # type: ignore[return-value]
     # requeue once: the first reconcile happens right after t0, the next one about requeue_after later
     if ev.get("requeue_after") is not None and time.time() < ev["t0"] + ev["requeue_after"] / 2:
         return Result(requeue_after=ev["requeue_after"])
@@ -64,8 +86,15 @@ class Recorder(Controller):
             os._exit(1)  # a reconcile that kills its worker (segfault, OOM kill...)
         if ev.get("mark_start"):
             _record({"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "r": "start"})
+        if ev.get("block_s") and _first_time(f"block-{key}"):
+            time.sleep(ev["block_s"])  # a blocking call on the loop (what a reconcile must not do)
         if ev.get("sleep_ms"):
-            await asyncio.sleep(ev["sleep_ms"] / 1000)
+            last = time.monotonic_ns()
+            try:
+                await asyncio.sleep(ev["sleep_ms"] / 1000)
+            except asyncio.CancelledError:
+                _record({"k": key, "s": start, "e": last, "pid": os.getpid(), "n": ev.get("n"), "r": "cancelled"})
+                raise
         return self._finish(key, ev, ctx, start)
 
     def _finish(self, key: str, ev: dict[str, Any], ctx: Any, start: int) -> Result | None:

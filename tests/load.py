@@ -45,6 +45,16 @@ def assert_none_lost(records: list[dict[str, Any]], per_key: dict[str, int]) -> 
             assert covered >= per_key[key], f"{key}: {covered} deliveries covered < {per_key[key]} published"
 
 
+def assert_latest_reconciled(records: list[dict[str, Any]], per_key: dict[str, int]) -> None:
+    """Per key, the highest event number reconciled successfully is the number published: the
+    last event of every key was reconciled (redelivered duplicates can't stand in for it)."""
+    latest: dict[str, int] = {}
+    for r in ok_records(records):
+        latest[r["k"]] = max(latest.get(r["k"], 0), r["n"])
+    behind = {k: (latest.get(k, 0), n) for k, n in per_key.items() if latest.get(k, 0) != n}
+    assert not behind, f"{len(behind)} keys' last event not reconciled (seen, published): {list(behind.items())[:10]}"
+
+
 class Load:
     """Publishes events at ``rate``/s from a thread until the ``with`` block ends."""
 

@@ -1,0 +1,304 @@
+"""Fault injection against a real pool: hostile headers and bodies, connection flaps, a frozen
+worker, a blocked event loop, reconciles that misbehave, a parking queue that refuses.
+
+Each test counts every event (per key, the last event published must be the last reconciled),
+records when every reconcile starts (a cancelled one too) for the overlap check, and looks at
+what was parked and why. Sizes fit the 2-core box: a few hundred keys at ~200-400 events/s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.data
+import pytest
+
+from tests.ctl_fixtures import overlaps, read_records
+from tests.helpers import Pool, _connect, get_all, publish_many, queue_depth, wait_until
+from tests.load import Load, assert_latest_reconciled
+
+pytestmark = pytest.mark.broker
+
+PARTITIONS = 8
+
+
+class Raw(bytes):
+    """A header value given as its AMQP field encoding (type byte + payload): what another
+    client library sends and pika cannot (doubles, out-of-range timestamps)."""
+
+
+def double(x: float) -> Raw:
+    return Raw(b"d" + struct.pack(">d", x))
+
+
+def timestamp(seconds: int) -> Raw:
+    return Raw(b"T" + struct.pack(">Q", seconds))
+
+
+def foreign_publish(url: str, exchange: str, messages: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+    """Publish as a non-pika client would, with confirms (encode_value taught ``Raw`` for this call)."""
+    original = pika.data.encode_value
+
+    def encode_value(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, Raw):
+            pieces.append(bytes(value))
+            return len(value)
+        return original(pieces, value)
+
+    pika.data.encode_value = encode_value
+    try:
+        conn = _connect(url)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for key, body, headers in messages:
+            ch.basic_publish(exchange, key, body, pika.BasicProperties(headers=headers, delivery_mode=2),
+                             mandatory=True)
+        conn.close()
+    finally:
+        pika.data.encode_value = original
+
+
+def make_pool(url: str, prefix: str, tmp_path: Path, rec_dir: Path, *args: str) -> Pool:
+    return Pool(url, prefix, "tests.ctl_fixtures:Recorder", "--workers", "2", "--partitions", str(PARTITIONS),
+                *args, env={"CTLPOOL_TEST_RECORD_DIR": str(rec_dir), "CTLPOOL_TEST_BASE_S": "0.5"},
+                log_path=tmp_path / "pool.log")
+
+
+@pytest.fixture
+def rec_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "rec"
+    d.mkdir()
+    return d
+
+
+def parked_by_key(url: str, prefix: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for _, props, _ in get_all(url, f"{prefix}.rec.parked"):
+        out.setdefault(props.headers["x-ctlpool-key"], []).append(props.headers)
+    return out
+
+
+def session_losses(pool: Pool) -> list[str]:
+    return [e["msg"] for e in pool.logs() if "broker session failed" in e["msg"]]
+
+
+@pytest.mark.timeout(150)
+def test_hostile_headers_and_bodies_touch_only_themselves(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool under a steady load of healthy events
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        with Load(amqp_url, prefix, rate=300, hot=20, sleep_ms=20) as load:
+            # When a foreign publisher sends, among them, every header and body that used to
+            # abort the connection or break the confirm numbering
+            deep = b"[" * 5000 + b"]" * 5000
+            foreign_publish(amqp_url, f"{prefix}.rec", [
+                ("bad-double", b'{"n": 1, "fail": 99}', {"x-foo": double(1e19)}),  # retried, then parked
+                # (a NaN double never reaches us: RabbitMQ 3.10 closes the publisher's connection, 541)
+                ("bad-time", b'{"n": 1}', {"x-when": timestamp(2**62)}),
+                ("bad-deep", deep, {}),
+                ("bad-redeliveries", b'{"n": 1}', {"x-ctlpool-redeliveries": "abc"}),
+                ("bad-delay", b'{"n": 1}', {"x-ctlpool-delay-ms": double(1e19)}),
+                ("bad-attempt", b'{"n": 1}', {"x-ctlpool-attempt": "abc"}),
+                ("neg-attempt", b'{"n": 1, "fail": 99}', {"x-ctlpool-attempt": -5}),
+            ])
+            wait_until(lambda: load.published > 1500, 60, what="load published")
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= 3, 60, what="poison parked")
+        wait_until(lambda: _all_latest(rec_dir, load.per_key), 60, what="every key's last event reconciled")
+    finally:
+        assert pool.stop() == 0
+    # Then only the poison is parked, each once, with its reason; nothing healthy was touched
+    parked = parked_by_key(amqp_url, prefix)
+    assert sorted(parked) == ["bad-deep", "bad-double", "neg-attempt"], parked
+    assert all(len(v) == 1 for v in parked.values()), parked
+    assert parked["bad-deep"][0]["x-ctlpool-reason"] == "undecodable"
+    assert parked["bad-double"][0]["x-ctlpool-reason"] == "max-attempts"
+    assert parked["bad-double"][0]["x-ctlpool-dropped-headers"] == "x-foo"  # named, not carried
+    # a negative attempt bought nothing: parked after the policy's 4 attempts, as from 0
+    tries = [r for r in read_records(str(rec_dir)) if r["k"] == "neg-attempt"]
+    assert [r["a"] for r in tries] == [0, 1, 2, 3]
+    # the harmless-once-decoded ones were reconciled; the forged bookkeeping was ignored
+    records = read_records(str(rec_dir))
+    done = {r["k"] for r in records if r["r"] == "ok"}
+    assert {"bad-time", "bad-redeliveries", "bad-delay", "bad-attempt"} <= done
+    assert_latest_reconciled(records, load.per_key)
+    assert overlaps(records) == []
+    assert session_losses(pool) == []  # no delivery took a connection down
+
+
+def _all_latest(rec_dir: Path, per_key: dict[str, int]) -> bool:
+    try:
+        assert_latest_reconciled(read_records(str(rec_dir)), per_key)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.mark.timeout(150)
+def test_connection_flaps_park_no_healthy_event(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool under load, with prefetched deliveries always in flight
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50").start()
+    try:
+        pool.wait_ready()
+        with Load(amqp_url, prefix, rate=300, hot=20, sleep_ms=20) as load:
+            # When the broker closes every connection six times, 3.5 s apart
+            for _ in range(6):
+                wait_until(lambda: _consumers(prefix) >= PARTITIONS, 30, what="partitions consumed again")
+                subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "flap test"], check=True,
+                               capture_output=True, timeout=60)
+                time.sleep(3.5)  # the fault's own rhythm (the issue's scenario), not a synchronisation
+        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
+    finally:
+        pool.stop()
+    # Then nothing healthy was parked, nothing lost, no key reconciled twice at once
+    assert parked_by_key(amqp_url, prefix) == {}
+    records = read_records(str(rec_dir))
+    assert_latest_reconciled(records, load.per_key)
+    assert overlaps(records) == []
+    assert len(session_losses(pool)) >= 6  # the flaps really hit the workers
+
+
+def _consumers(prefix: str) -> int:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "consumers"], capture_output=True,
+                         text=True, timeout=60).stdout
+    return sum(1 for line in out.splitlines()
+               if line.startswith(f"{prefix}.rec.p") and line.split()[-1] != "0")
+
+
+@pytest.mark.timeout(180)
+def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_path, rec_dir):
+    # Given two workers with a 5 s heartbeat, reconciles that wait (many in flight at any time)
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", "--concurrency", "64").start()
+    try:
+        pool.wait_ready()
+        with Load(amqp_url, prefix, rate=200, hot=24, sleep_ms=300) as load:
+            wait_until(lambda: load.published > 400, 30, what="load running")
+            # When one worker is frozen (SIGSTOP) for 25 s while the other takes its partitions
+            frozen = pool.worker_pids()[0]
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                time.sleep(25)  # the fault itself: a 25 s freeze (a paused VM), not a synchronisation
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            wait_until(lambda: any("fencing" in e["msg"] for e in pool.logs()), 30, what="the thawed worker fences")
+        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
+    finally:
+        pool.stop()
+    # Then none of its in-flight reconciles took another step next to the new owner's
+    records = read_records(str(rec_dir))
+    assert overlaps(records) == [], overlaps(records)[:5]
+    assert any(r["r"] == "cancelled" and r["pid"] == frozen for r in records)  # it had work in flight
+    assert_latest_reconciled(records, load.per_key)
+    assert parked_by_key(amqp_url, prefix) == {}
+
+
+@pytest.mark.timeout(150)
+def test_a_blocked_loop_fences_and_names_the_key(amqp_url, prefix, tmp_path, rec_dir):
+    # Given two workers with a 5 s heartbeat under load
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5").start()
+    try:
+        pool.wait_ready()
+        with Load(amqp_url, prefix, rate=200, hot=24, sleep_ms=300) as load:
+            wait_until(lambda: load.published > 400, 30, what="load running")
+            # When one reconcile blocks its worker's event loop for 20 s (time.sleep in async def)
+            publish_many(amqp_url, prefix, "rec", [("block1", {"n": 1, "block_s": 20})])
+            wait_until(lambda: any("held the event loop" in e["msg"] for e in pool.logs()), 60,
+                       what="the blocked step reported")
+        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
+    finally:
+        pool.stop()
+    # Then the step is named, the worker fenced itself, and apart from that one step (which no
+    # process can stop: it was running when the block began) no key was reconciled twice at once
+    logs = pool.logs()
+    slow = [e for e in logs if "held the event loop" in e["msg"]]
+    assert slow and slow[0]["key"] == "block1"
+    assert any("fencing" in e["msg"] for e in logs)
+    records = read_records(str(rec_dir))
+    assert overlaps([r for r in records if r["k"] != "block1"]) == []
+    assert_latest_reconciled(records, load.per_key)
+    assert parked_by_key(amqp_url, prefix) == {}
+
+
+@pytest.mark.timeout(120)
+def test_misbehaving_reconciles_are_failures_never_stuck(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        # When reconciles raise SystemExit / KeyboardInterrupt / BaseException, or return an
+        # invalid Result or a string
+        bad = {"exit": {"raise": "SystemExit"}, "intr": {"raise": "KeyboardInterrupt"},
+               "base": {"raise": "BaseException"}, "nan": {"result": "nan"}, "str": {"result": "str"}}
+        publish_many(amqp_url, prefix, "rec", [(k, {"n": 1, **v}) for k, v in bad.items()] + [("fine", {"n": 1})])
+        # Then each is retried and parked with what it did; the workers never died
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= len(bad), 90, what="all parked")
+        assert any(r["k"] == "fine" and r["r"] == "ok" for r in read_records(str(rec_dir)))
+    finally:
+        assert pool.stop() == 0
+    parked = parked_by_key(amqp_url, prefix)
+    assert sorted(parked) == sorted(bad)
+    assert all(h[0]["x-ctlpool-reason"] == "max-attempts" for h in parked.values())
+    assert "SystemExit" in parked["exit"][0]["x-ctlpool-error"]
+    assert "KeyboardInterrupt" in parked["intr"][0]["x-ctlpool-error"]
+    assert "ValueError" in parked["nan"][0]["x-ctlpool-error"]
+    assert "TypeError: reconcile returned str" in parked["str"][0]["x-ctlpool-error"]
+    assert not [e for e in pool.logs() if "died" in e["msg"]]
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_park_returns_the_event_never_acks_it(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a parking queue that takes one message and refuses the rest (reject-publish)
+    policy = f"{prefix}-park1"
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", policy, f"^{prefix}\\.rec\\.parked$",
+                    '{"max-length":1,"overflow":"reject-publish"}', "--apply-to", "queues"],
+                   check=True, capture_output=True, timeout=60)
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+    try:
+        pool.wait_ready()
+        # When three permanent failures (one with a header pika can't re-encode) must be parked
+        foreign_publish(amqp_url, f"{prefix}.rec", [
+            (f"perm{i}", b'{"n": 1, "permanent": true}', {"x-foo": double(1e19)}) for i in range(3)])
+        # Then what the broker refused (a quorum queue applies the limit a moment late, so one or
+        # two got in) is returned to its queue, again and again, never acked, never lost
+        wait_until(lambda: sum(1 for e in pool.logs() if "returning the delivery" in e["msg"]) >= 2, 30,
+                   what="a refused park returned twice")
+        assert 1 <= queue_depth(amqp_url, f"{prefix}.rec.parked") <= 2
+    finally:
+        assert pool.stop() == 0
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy], capture_output=True, timeout=60)
+    left = sum(queue_depth(amqp_url, f"{prefix}.rec.p{i:03d}") for i in range(PARTITIONS))
+    assert queue_depth(amqp_url, f"{prefix}.rec.parked") + left == 3
+
+
+def test_an_unencodable_publish_fails_alone_and_the_numbering_holds(amqp_url, prefix):
+    # Given a confirm channel and an exchange
+    import asyncio
+
+    from pool.amqp import connect
+    from pool.errors import PublishError
+
+    async def go() -> None:
+        conn = await connect(amqp_url, name="test")
+        ch = await conn.confirm_channel()
+        await ch.ch.rpc("queue_declare", queue=f"{prefix}.q", auto_delete=True)
+        try:
+            # When one publish can't be encoded, between two that can
+            first = ch.publish("", f"{prefix}.q", b"1")
+            broken = ch.publish("", f"{prefix}.q", b"2", {"x-big": 10**19})
+            last = ch.publish("", f"{prefix}.q", b"3")
+            # Then only it fails, at once, and the broker's confirms still match their publishes
+            with pytest.raises(PublishError):
+                await broken
+            await asyncio.gather(first, last)
+            assert ch.unconfirmed == 0
+        finally:
+            conn.close()
+
+    asyncio.run(go())
