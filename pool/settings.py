@@ -72,10 +72,10 @@ class TopologySettings:
     tiers_s: tuple[int, ...] = DEFAULT_TIERS_S
     """TTLs of the delay-tier queues serving retries and ``requeue_after``."""
     max_deliveries: int = 3
-    """A message delivered this many times without being acked (it kills its worker) is parked; 1-10,
-    half the broker's own ``x-delivery-limit`` backstop (20) at most.
-    3 stays under the supervisor's crash-loop limit (5 deaths in 60 s), so a poison message is
-    parked before the supervisor gives up; unacked siblings of each crash are counted too."""
+    """An event that was inside a reconcile when its worker died this many times is parked; 1-10,
+    half the broker's own ``x-delivery-limit`` backstop (20) at most. Only those deaths count
+    (``pool.journal``): flaps, broker restarts, drains and freezes redeliver without blame, and
+    the supervisor's crash-loop guard ignores deaths inside a reconcile, so it can't give up first."""
 
 
 @dataclass(frozen=True)
