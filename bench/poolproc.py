@@ -71,7 +71,9 @@ class PoolProcess:
         cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", f"bench.controllers:{o.controller}",
                "--prefix", t.prefix, "--workers", str(o.workers), "--prefetch", str(o.prefetch),
                "--concurrency", str(o.concurrency), "--partitions", str(t.partitions),
-               "--queue-type", t.queue_type, "--log-format", "json"]
+               "--queue-type", t.queue_type, "--log-format", "json",
+               # journals and the node-id lock beside the records: a pool already running here is left alone
+               "--state-dir", str(self.record_dir.parent / "pool-state")]
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "CTLPOOL_AMQP_URL": t.url, "BENCH_RECORD_DIR": str(self.record_dir),
                "BENCH_SLEEP_MS": str(o.sleep_ms), "PYTHONPATH": path}

@@ -66,7 +66,7 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
         return {
             "broker": redact_url(broker.amqp_url),
             "members": [{"id": hb.id, "node": hb.node, "worker": hb.worker, "weight": hb.weight, "pid": hb.pid,
-                         "controllers": list(hb.controllers),
+                         "controllers": list(hb.controllers), "broker_blocked": hb.blocked,
                          "partitions": {c: len(v) for c, v in hb.parts.items()},
                          "last_heartbeat_s_ago": round(time.time() - heard[hb.id], 2)} for hb in members],
             "controllers": out_ctls,
@@ -86,7 +86,9 @@ def render(snapshot: dict[str, Any]) -> str:
         for m in ms:
             owned = escape(", ".join(f"{c}:{n}" for c, n in sorted(m["partitions"].items())) or "-")
             lines.append(f"    {escape(m['id']):<24} pid={m['pid']:<7} partitions {owned:<20} "
-                         f"last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago")
+                         f"last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago"
+                         + (f"  BROKER BLOCKS ITS PUBLISHING: {escape(m['broker_blocked'])}"
+                            if m.get("broker_blocked") else ""))
     for c in snapshot["controllers"]:
         parts = c["partitions"]
         ready = sum(p["ready"] or 0 for p in parts)
