@@ -2,9 +2,22 @@
 
 Data flow: ``Names`` derives every name from (prefix, controller). ``ensure`` opens a
 throwaway connection (a missing consistent-hash plugin closes the whole connection on
-RabbitMQ 3.10, DESIGN fact 7), refuses a topology that differs from the settings
-(``TopologyMismatch``), then declares what is missing. Partition bindings are made once,
-in index order, weight "1", and never removed (DESIGN: fixed partitions).
+RabbitMQ 3.10, DESIGN fact 7), looks at what exists (``survey``), refuses a topology that
+differs from the settings (``refusal``, raised as ``TopologyMismatch``), then declares what is
+missing. Partition bindings are made once, in index order, weight "1", and never removed
+(DESIGN: fixed partitions).
+
+The declaration order is also what an interrupted declaration leaves behind: the exchange;
+each partition's queue then its binding, in index order; the delay tiers; the parking queue
+last. AMQP cannot list bindings, so the survey reads them off that order with passive
+declares: the partition queues are p000..p(k-1), all bound but perhaps the last, and the
+parking queue exists once a declaration has bound every partition. Fewer partitions than
+configured and no parking queue is a first declaration that was cut short (a killed
+``ctlpool run``) or is still running (two pools starting at once): this one completes it, binding
+the rest in index order (binding an existing binding changes nothing), so the ring ends as a
+fresh one would (the plugin numbers buckets in binding order, DESIGN fact 1). Fewer partitions
+with a parking queue, any beyond the count, or a gap is another topology: refused, naming how
+many messages its queues hold, never advising to delete them before those are moved.
 
     publisher --(routing key = item key)--> ctl.C  [x-consistent-hash]
         --> ctl.C.p000 .. ctl.C.p{P-1}   partition queues, one consumer each
@@ -18,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from .amqp import ChannelGone, Connection, connect, plugin_error_or
 from .errors import PluginMissing, TopologyMismatch
@@ -32,6 +45,15 @@ from .settings import BrokerSettings, TopologySettings
 BROKER_DELIVERY_LIMIT = 20
 NOT_FOUND = 404
 PRECONDITION_FAILED = 406
+# Digits in partition queue names: p000 up to 1,000 partitions, p0000 up to 10,000, ... A
+# controller declared with a count of another width has none of our names; the survey looks
+# for these widths to tell it from an empty, interrupted declaration.
+NAME_WIDTHS = range(3, 8)
+
+
+def name_width(partitions: int) -> int:
+    """Digits in the partition queue names of a controller with ``partitions`` partitions."""
+    return max(NAME_WIDTHS[0], len(str(partitions - 1)))
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,9 @@ class Names:
         return f"{self.prefix}.{self.controller}"
 
     def partition(self, p: int, partitions: int) -> str:
-        width = max(3, len(str(partitions - 1)))
+        return self.partition_of_width(p, name_width(partitions))
+
+    def partition_of_width(self, p: int, width: int) -> str:
         return f"{self.exchange}.p{p:0{width}d}"
 
     def clean_marker(self, p: int, partitions: int) -> str:
@@ -97,32 +121,6 @@ def tier_args(names: Names, topo: TopologySettings, tier_s: int) -> dict[str, An
     return args
 
 
-def _mismatch(names: Names, queue: str, exc: ChannelGone, topo: TopologySettings) -> TopologyMismatch:
-    return TopologyMismatch(
-        f"queue {queue} exists with other arguments than --queue-type {topo.queue_type} "
-        f"--partitions {topo.partitions} give ({exc.reply_text}); delete the controller's queues "
-        f"or use the settings it was created with"
-    )
-
-
-async def _partition_mismatch(conn: Connection, names: Names, queue: str, exc: ChannelGone,
-                              topo: TopologySettings) -> TopologyMismatch:
-    """Name what differs: a partition that declares cleanly as the other queue type is one."""
-    other = "classic" if topo.queue_type == "quorum" else "quorum"
-    ch = await conn.channel()
-    try:
-        # declaring a queue exactly as it exists changes nothing
-        await ch.rpc("queue_declare", queue=queue, durable=True,
-                     arguments=partition_args(names, replace(topo, queue_type=other)))
-    except ChannelGone:
-        return _mismatch(names, queue, exc, topo)
-    await ch.close()
-    return TopologyMismatch(
-        f"controller {names.controller!r} exists on the broker with {other} queues ({queue}), "
-        f"not --queue-type {topo.queue_type}; use --queue-type {other}, or delete exchange "
-        f"{names.exchange} and its queues to start over")
-
-
 async def _exists(conn: Connection, kind: str, name: str) -> bool:
     ch = await conn.channel()
     try:
@@ -136,40 +134,158 @@ async def _exists(conn: Connection, kind: str, name: str) -> bool:
         await ch.close()
 
 
-async def declare_controller(conn: Connection, prefix: str, controller: str, topo: TopologySettings) -> None:
-    """Check then declare one controller's topology on an open connection."""
-    names = Names(prefix, controller)
+async def _run_length(conn: Connection, name_of: Callable[[int], str], start: int) -> int:
+    """How many queues ``name_of(start)``, ``name_of(start + 1)``, ... exist before the first missing one."""
+    n = 0
+    while await _exists(conn, "queue", name_of(start + n)):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Survey:
+    """A controller's partitions on the broker, as passive declares see them (see module docstring)."""
+
+    exchange: bool
+    """The controller's consistent-hash exchange exists."""
+    present: tuple[int, ...]
+    """Indices below the configured count whose partition queue exists."""
+    beyond: int
+    """Partition queues from the configured count on (p{P}, p{P+1}, ...) that exist."""
+    other_width: tuple[int, int] | None
+    """Only when none of ``present`` exists: (digits, how many) of partition queues named for a
+    count of another name width."""
+    completed: bool
+    """The parking queue exists: a declaration bound every partition it was given."""
+
+
+async def survey(conn: Connection, names: Names, partitions: int) -> Survey:
+    """What exists of a controller's topology, read without changing anything.
+
+    Another declaration may be adding partitions meanwhile (in index order), so the order of
+    the looks matters: the parking queue before the partitions (else a declaration finishing
+    in between would look complete with fewer partitions), and the partitions from the last
+    down (else one growing in between would look like a gap)."""
+    p = partitions
+    exchange = await _exists(conn, "exchange", names.exchange)
+    completed = await _exists(conn, "queue", names.parked)
+    present = [i for i in reversed(range(p)) if await _exists(conn, "queue", names.partition(i, p))]
+    other: tuple[int, int] | None = None
+    for width in NAME_WIDTHS if not present else ():
+        n = 0 if width == name_width(p) else await _run_length(
+            conn, lambda i, w=width: names.partition_of_width(i, w), 0)
+        if n:
+            other = (width, n)
+            break
+    beyond = await _run_length(conn, lambda i: names.partition(i, p), p)
+    return Survey(exchange, tuple(sorted(present)), beyond, other, completed)
+
+
+def refusal(found: Survey, names: Names, partitions: int) -> str | None:
+    """Why the partitions found can't serve ``partitions``; ``None`` when they can, once completed.
+
+    Without the exchange there is no ring yet, so nothing is refused (leftover queues are bound
+    in index order); without partition queues the ring is empty (bindings go with their queues).
+    An unfinished declaration is completed whatever count it was given, as long as it made no
+    more queues than this one will: no ring it built was ever complete."""
+    if not found.exchange:
+        return None
+    p, k, c = partitions, len(found.present), names.controller
+    if found.other_width is not None:
+        width, n = found.other_width
+        return (f"controller {c!r} already has a different number of partitions on the broker ({n}, named "
+                f"like {names.partition_of_width(0, width)}) than --partitions {p}; changing it would re-route "
+                f"keys. Use --partitions {n}")
+    if found.present != tuple(range(k)):
+        gap = names.partition(next(i for i in range(p) if i not in found.present), p)
+        return (f"controller {c!r} lacks partition queue {gap} on the broker while later partitions exist; "
+                f"declaring it again would bind it last on the hash ring and re-route keys")
+    if found.beyond and not found.completed:
+        return (f"controller {c!r} already has a different number of partitions on the broker (at least "
+                f"{k + found.beyond}, from a declaration that did not finish) than --partitions {p}; changing it "
+                f"would re-route keys. Use the count it was first declared with")
+    if found.beyond or (found.completed and 0 < k < p):
+        return (f"controller {c!r} already has a different number of partitions on the broker "
+                f"({k + found.beyond}) than --partitions {p}; changing it would re-route keys. "
+                f"Use --partitions {k + found.beyond}")
+    return None
+
+
+async def _start_over(conn: Connection, names: Names, topo: TopologySettings, found: Survey) -> str:
+    """How to start over without losing events: what the controller's queues hold comes first."""
     p = topo.partitions
-    fresh = not await _exists(conn, "exchange", names.exchange)
-    if not fresh:
-        have_last = await _exists(conn, "queue", names.partition(p - 1, p))
-        have_more = await _exists(conn, "queue", names.partition(p, p + 1))
-        if not have_last or have_more:
-            raise TopologyMismatch(
-                f"controller {controller!r} already has a different number of partitions on the broker than "
-                f"--partitions {p}; changing it would re-route keys. Use the original count, or delete "
-                f"exchange {names.exchange} and its queues to start over"
-            )
+    queues = [names.partition(i, p) for i in found.present]
+    queues += [names.partition(p + i, p) for i in range(found.beyond)]
+    if found.other_width is not None:
+        width, n = found.other_width
+        queues += [names.partition_of_width(i, width) for i in range(n)]
+    queues += [names.tier(t) for t in topo.tiers_s] + [names.parked]
+    held = [q for q in await counts(conn, queues) if q is not None]
+    ready = sum(q.ready for q in held)
+    consumers = sum(q.consumers for q in held)
+    drop = f"delete exchange {names.exchange} and its queues"
+    if not ready and not consumers:
+        return f"; its {len(held)} queues hold no messages, so to start over {drop}"
+    unacked = f"; their {consumers} consumers may hold more, unacked: stop them first" if consumers else ""
+    return (f"; to start over, first move or drain the {ready} message{'' if ready == 1 else 's'} its {len(held)} "
+            f"queues hold (e.g. with a shovel{unacked}), then {drop}")
+
+
+async def _mismatch(conn: Connection, names: Names, queue: str, exc: ChannelGone, topo: TopologySettings,
+                    found: Survey) -> TopologyMismatch:
+    return TopologyMismatch(
+        f"queue {queue} exists with other arguments than --queue-type {topo.queue_type} "
+        f"--partitions {topo.partitions} give ({exc.reply_text}); use the settings it was created with"
+        + await _start_over(conn, names, topo, found))
+
+
+async def _partition_mismatch(conn: Connection, names: Names, queue: str, exc: ChannelGone,
+                              topo: TopologySettings, found: Survey) -> TopologyMismatch:
+    """Name what differs: a partition that declares cleanly as the other queue type is one."""
+    other = "classic" if topo.queue_type == "quorum" else "quorum"
     ch = await conn.channel()
     try:
+        # declaring a queue exactly as it exists changes nothing
+        await ch.rpc("queue_declare", queue=queue, durable=True,
+                     arguments=partition_args(names, replace(topo, queue_type=other)))
+    except ChannelGone:
+        return await _mismatch(conn, names, queue, exc, topo, found)
+    await ch.close()
+    return TopologyMismatch(
+        f"controller {names.controller!r} exists on the broker with {other} queues ({queue}), "
+        f"not --queue-type {topo.queue_type}; use --queue-type {other}" + await _start_over(conn, names, topo, found))
+
+
+async def declare_controller(conn: Connection, prefix: str, controller: str, topo: TopologySettings) -> None:
+    """Check then declare one controller's topology on an open connection (see module docstring)."""
+    names = Names(prefix, controller)
+    p = topo.partitions
+    found = await survey(conn, names, p)
+    problem = refusal(found, names, p)
+    if problem is not None:
+        raise TopologyMismatch(problem + await _start_over(conn, names, topo, found))
+    # A new exchange or an unfinished declaration gets bindings now: the ring changes under what
+    # the existing partitions hold, so none of them may stay marked clean
+    binding = not (found.exchange and found.completed and len(found.present) == p)
+    ch = await conn.channel()
+    try:
+        for i in found.present if binding else ():
+            await ch.rpc("exchange_delete", exchange=names.clean_marker(i, p))  # deleting a missing one is ok
         await ch.rpc("exchange_declare", exchange=names.exchange, exchange_type="x-consistent-hash", durable=True)
     except ChannelGone as exc:
         raise plugin_error_or(exc) from None
     try:
         for i in range(p):
             q = names.partition(i, p)
-            # a queue created now holds nothing from an earlier ring (one left behind by a deleted
-            # exchange may: it gets no marker, so its first owner re-routes what it holds)
-            new_queue = fresh and not await _exists(conn, "queue", q)
             try:
                 await ch.rpc("queue_declare", queue=q, durable=True, arguments=partition_args(names, topo))
             except ChannelGone as exc:
                 if exc.reply_code == PRECONDITION_FAILED:
-                    raise await _partition_mismatch(conn, names, q, exc, topo) from None
+                    raise await _partition_mismatch(conn, names, q, exc, topo, found) from None
                 raise
             await ch.rpc("queue_bind", queue=q, exchange=names.exchange, routing_key="1")
-            if new_queue:
-                await declare_clean_marker(ch, names.clean_marker(i, p))
+        if binding:
+            await _mark_new_partitions(conn, ch, names, p, found)
         for t in topo.tiers_s:
             name = names.tier(t)
             await ch.rpc("exchange_declare", exchange=name, exchange_type="fanout", durable=True)
@@ -177,19 +293,33 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
                 await ch.rpc("queue_declare", queue=name, durable=True, arguments=tier_args(names, topo, t))
             except ChannelGone as exc:
                 if exc.reply_code == PRECONDITION_FAILED:
-                    raise _mismatch(names, name, exc, topo) from None
+                    raise await _mismatch(conn, names, name, exc, topo, found) from None
                 raise
             await ch.rpc("queue_bind", queue=name, exchange=name, routing_key="")
         parked_args = {"x-queue-type": topo.queue_type}
         try:
+            # last: its existence says every partition is bound (see module docstring)
             await ch.rpc("queue_declare", queue=names.parked, durable=True, arguments=parked_args)
         except ChannelGone as exc:
             if exc.reply_code == PRECONDITION_FAILED:
-                raise _mismatch(names, names.parked, exc, topo) from None
+                raise await _mismatch(conn, names, names.parked, exc, topo, found) from None
             raise
         await ch.rpc("exchange_declare", exchange=members_exchange(prefix), exchange_type="fanout", durable=True)
     finally:
         await ch.close()
+
+
+async def _mark_new_partitions(conn: Connection, ch: Any, names: Names, partitions: int, found: Survey) -> None:
+    """Mark clean the partitions created by this declaration that are still empty.
+
+    Only now, with every binding made, is the ring final: a queue created now that got events
+    meanwhile (publishers don't wait for the pool, a concurrent declaration binds too) holds
+    some routed by a smaller ring, so it stays unmarked and its first owner re-routes them. A
+    queue left behind by a deleted exchange is never marked: it may hold events of that ring."""
+    created = [i for i in range(partitions) if i not in found.present]
+    for i, q in zip(created, await counts(conn, [names.partition(i, partitions) for i in created])):
+        if q is not None and not q.ready and not q.consumers:
+            await declare_clean_marker(ch, names.clean_marker(i, partitions))
 
 
 async def declare_clean_marker(ch: Any, name: str) -> None:
@@ -241,5 +371,5 @@ async def counts(conn: Connection, queues: list[str]) -> list[QueueCount | None]
     return out
 
 
-__all__ = ["Names", "ensure", "declare_controller", "counts", "QueueCount", "members_exchange",
-           "partition_args", "tier_args", "PluginMissing"]
+__all__ = ["Names", "ensure", "declare_controller", "survey", "Survey", "refusal", "counts", "QueueCount",
+           "members_exchange", "partition_args", "tier_args", "PluginMissing"]
