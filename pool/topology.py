@@ -196,7 +196,7 @@ def refusal(found: Survey, names: Names, partitions: int) -> str | None:
         return (f"controller {c!r} already has a different number of partitions on the broker ({n}, named "
                 f"like {names.partition_of_width(0, width)}) than --partitions {p}; changing it would re-route "
                 f"keys. Use --partitions {n}")
-    if found.present != tuple(range(k)):
+    if found.present != tuple(range(k)) and not found.completed:  # a queue deleted later is declared again
         gap = names.partition(next(i for i in range(p) if i not in found.present), p)
         return (f"controller {c!r} lacks partition queue {gap} on the broker while later partitions exist; "
                 f"declaring it again would bind it last on the hash ring and re-route keys")
