@@ -196,15 +196,18 @@ def refusal(found: Survey, names: Names, partitions: int) -> str | None:
         return (f"controller {c!r} already has a different number of partitions on the broker ({n}, named "
                 f"like {names.partition_of_width(0, width)}) than --partitions {p}; changing it would re-route "
                 f"keys. Use --partitions {n}")
-    if found.present != tuple(range(k)) and not found.completed:  # a queue deleted later is declared again
-        gap = names.partition(next(i for i in range(p) if i not in found.present), p)
-        return (f"controller {c!r} lacks partition queue {gap} on the broker while later partitions exist; "
+    gap = found.present != tuple(range(k))
+    if gap and not found.completed:
+        missing = names.partition(next(i for i in range(p) if i not in found.present), p)
+        return (f"controller {c!r} lacks partition queue {missing} on the broker while later partitions exist; "
                 f"declaring it again would bind it last on the hash ring and re-route keys")
     if found.beyond and not found.completed:
         return (f"controller {c!r} already has a different number of partitions on the broker (at least "
                 f"{k + found.beyond}, from a declaration that did not finish) than --partitions {p}; changing it "
                 f"would re-route keys. Use the count it was first declared with")
-    if found.beyond or (found.completed and 0 < k < p):
+    # A complete topology with a queue missing between others lost it later (deleted by hand):
+    # it is declared again, as before; its worker re-routes what it receives (ring-drift guard).
+    if found.beyond or (found.completed and 0 < k < p and not gap):
         return (f"controller {c!r} already has a different number of partitions on the broker "
                 f"({k + found.beyond}) than --partitions {p}; changing it would re-route keys. "
                 f"Use --partitions {k + found.beyond}")
