@@ -15,6 +15,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from typing import Any, Callable
 
 import pika
@@ -59,10 +60,26 @@ def _root_cause(exc: BaseException) -> str:
 class Connection:
     """An open pika connection; ``closed`` resolves (with the reason) when it closes."""
 
-    def __init__(self, raw: AsyncioConnection, closed: asyncio.Future[ChannelGone]) -> None:
+    def __init__(self, raw: AsyncioConnection, closed: asyncio.Future[ChannelGone], name: str = "") -> None:
         self.raw = raw
         self.closed = closed
-        self.blocked: list[str | None] = [None]  # [reason] while the broker blocks our publishing
+        self.name = name
+        self.blocked: str | None = None
+        """Why the broker blocks this connection's publishing (a memory or disk alarm); None when it doesn't."""
+        self._blocked_at = 0.0
+        raw.add_on_connection_blocked_callback(self._on_blocked)
+        raw.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_blocked(self, _raw: Any, frame: Any) -> None:
+        self.blocked = frame.method.reason or "no reason given"
+        self._blocked_at = time.monotonic()
+        log.warning("broker blocked publishing: %s; waiting (memory or disk alarm on the broker)", self.blocked,
+                    extra={"connection": self.name})
+
+    def _on_unblocked(self, _raw: Any, _frame: Any) -> None:
+        self.blocked = None
+        log.warning("broker unblocked publishing after %.1fs; continuing", time.monotonic() - self._blocked_at,
+                    extra={"connection": self.name})
 
     async def channel(self) -> "Channel":
         loop = asyncio.get_running_loop()
@@ -148,11 +165,8 @@ def url_parameters(url: str) -> pika.URLParameters:
     return params
 
 
-async def connect(url: str, *, name: str, heartbeat_s: int = 20, log_blocked: bool = True) -> Connection:
-    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``).
-
-    ``Connection.blocked`` follows the broker's connection.blocked / unblocked; with ``log_blocked``
-    each change is logged too (``Publisher`` says it in its own words)."""
+async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
+    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``)."""
     loop = asyncio.get_running_loop()
     params = url_parameters(url)
     params.heartbeat = heartbeat_s
@@ -170,27 +184,14 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20, log_blocked: bo
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"cannot connect to RabbitMQ at {redact_url(url)}: {_root_cause(exc)}"))
 
-    def on_blocked(_c: Any, frame: Any) -> None:
-        blocked[0] = frame.method.reason or "no reason given"
-        if log_blocked:
-            log.warning("RabbitMQ at %s blocked our publishing: %s (a memory or disk alarm); publishes wait",
-                        redact_url(url), blocked[0], extra={"connection": name})
-
-    def on_unblocked(_c: Any, _frame: Any) -> None:
-        blocked[0] = None
-        if log_blocked:
-            log.warning("RabbitMQ at %s unblocked our publishing", redact_url(url), extra={"connection": name})
-
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
             closed.set_result(_gone(reason))
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))
 
-    blocked: list[str | None] = [None]
     raw = AsyncioConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
-    raw.add_on_connection_blocked_callback(on_blocked)
-    raw.add_on_connection_unblocked_callback(on_unblocked)
+    conn = Connection(raw, closed, name)  # tracks connection.blocked from the start
     try:
         await opened
     except BaseException:
@@ -201,8 +202,6 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20, log_blocked: bo
                 pass
         raise
     wire.coalesce(raw._transport, loop)  # one send per loop iteration, not one per frame
-    conn = Connection(raw, closed)
-    conn.blocked = blocked
     return conn
 
 

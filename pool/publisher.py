@@ -7,22 +7,19 @@ silently. ``publish_many`` pipelines up to ``window`` unconfirmed messages for l
 
 When the broker blocks the connection (a memory or disk alarm: ``connection.blocked``),
 publishes wait, unconfirmed, until it unblocks; the publisher logs one warning when that
-starts, with the broker's reason, and one when it ends, so a caller that seems to hang
-says why.
+starts, with the broker's reason, and one when it ends (``pool.amqp.Connection``), so a
+caller that seems to hang says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, AsyncIterable, Iterable
 
 from .amqp import ConfirmChannel, Connection, connect
 from .codec import H_FIRST_MS, encode
 from .settings import DEFAULT_AMQP_URL
-
-log = logging.getLogger("ctlpool.publisher")
 
 # Unconfirmed messages in flight in ``publish_many``: enough to hide the confirm round
 # trip (~20k msg/s in DESIGN fact 9), small enough that a failure re-sends little.
@@ -38,24 +35,10 @@ class Publisher:
         self.name = name
         self._conn: Connection | None = None
         self._ch: ConfirmChannel | None = None
-        self._blocked_at: float | None = None
 
     async def connect(self) -> None:
-        self._conn = await connect(self.amqp_url, name=self.name, log_blocked=False)  # said below, in our words
-        self._conn.raw.add_on_connection_blocked_callback(self._on_blocked)
-        self._conn.raw.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._conn = await connect(self.amqp_url, name=self.name)  # it logs a block by the broker, and its end
         self._ch = await self._conn.confirm_channel()
-
-    def _on_blocked(self, _conn: Any, frame: Any) -> None:
-        self._blocked_at = time.monotonic()
-        log.warning("broker blocked publishing: %s; waiting (memory or disk alarm on the broker)",
-                    frame.method.reason or "no reason given")
-
-    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
-        waited = "" if self._blocked_at is None else f" after {time.monotonic() - self._blocked_at:.1f}s"
-        self._blocked_at = None
-        # a warning too, so that it shows wherever the blocked line did (the CLI has no log config)
-        log.warning("broker unblocked publishing%s; continuing", waited)
 
     async def __aenter__(self) -> "Publisher":
         await self.connect()
@@ -98,13 +81,13 @@ class Publisher:
             nonlocal inflight
             while len(inflight) > limit:
                 done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                for f in done:
-                    if f.exception() is not None:
-                        if inflight:
-                            await asyncio.wait(inflight)
-                            for g in inflight:
-                                g.exception()
-                        raise f.exception()  # type: ignore[misc]
+                failed = [exc for f in done if (exc := f.exception()) is not None]  # each retrieved
+                if failed:
+                    if inflight:
+                        await asyncio.wait(inflight)
+                        for g in inflight:
+                            g.exception()
+                    raise failed[0]
 
         async def items() -> AsyncIterable[tuple[str, str, Any]]:
             if hasattr(events, "__aiter__"):

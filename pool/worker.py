@@ -50,7 +50,6 @@ from .settings import PoolSettings, redact_url
 from .topology import NOT_FOUND, Names, declare_clean_marker, is_clean, members_exchange
 
 log = logging.getLogger("ctlpool.worker")
-_NO_HEADERS: dict[str, Any] = {}
 
 SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking partitions
 RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
@@ -58,7 +57,6 @@ ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclu
 JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
 MISSING_LOG_S = 30.0  # a missing partition queue is retried every heartbeat, logged this often
 SETTLE_RETRY_S = 5.0  # a delivery whose retry/park publish the broker refused goes back to its queue after this
-BLOCKED_STEP_S = 1.0  # a reconcile step holding the event loop this long is logged (it starves every other key)
 BLAME_TTL_S = 600.0  # a crashed reconcile's event not seen again within this long is forgotten
 DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
 
@@ -381,7 +379,7 @@ class Worker:
 
     def _blocked_reason(self) -> str:
         conn = self._publish_conn
-        reason = conn.blocked[0] if conn is not None else None
+        reason = conn.blocked if conn is not None else None
         self.metrics.broker_blocked(reason is not None)
         return reason or ""
 
@@ -391,6 +389,9 @@ class Worker:
             await asyncio.sleep(interval)
             self._heartbeat()
             self._expire_reconciles()
+            if self._blamed:  # while any is left, every delivery pays for a digest: forget them in time
+                now = self.clock()
+                self._blamed = {d: b for d, b in self._blamed.items() if b[1] > now}
             gone = self._members.expire()
             if gone:
                 log.info("members gone (no heartbeat for %.0fs): %s", self.settings.worker.member_timeout_s,
@@ -468,6 +469,7 @@ class Worker:
         self._parts.clear()
         self._conns.clear()
         self._pub = None
+        self._publish_conn = None
         self._hb_ch = None
         await asyncio.sleep(0)
 
@@ -589,7 +591,7 @@ class Worker:
             # (maybe mid-guard): it may have been routed by an earlier ring, so route it again
             fut = self._forward(part, ch, method, props, body, part.ctl.exchange,
                                 self._carried_headers(props, redeliveries))
-            if part.guarding and part.guard_left:
+            if part.guard_left:
                 part.guard_left -= 1
                 part.guard_futs.append(fut)
             self._count_reroute(part)

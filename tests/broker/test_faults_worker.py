@@ -13,6 +13,8 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,26 @@ def session_losses(pool: Pool) -> list[str]:
     return [e["msg"] for e in pool.logs() if "broker session failed" in e["msg"]]
 
 
+def logged(pool: Pool, text: str) -> bool:
+    return any(text in e["msg"] for e in pool.logs())
+
+
+@contextmanager
+def under_load(url: str, prefix: str, tmp_path: Path, rec_dir: Path, *args: str, rate: int = 200,
+               sleep_ms: int = 300) -> Iterator[tuple[Pool, Load]]:
+    """A ready pool under ``Load`` for the ``with`` body (the fault); afterwards the load stops,
+    the pool gets until every key's last event is reconciled, and is stopped."""
+    pool = make_pool(url, prefix, tmp_path, rec_dir, *args).start()
+    try:
+        pool.wait_ready()
+        with Load(url, prefix, rate=rate, hot=24, sleep_ms=sleep_ms) as load:
+            wait_until(lambda: load.published > 2 * rate, 30, what="load running")
+            yield pool, load
+        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
+    finally:
+        pool.stop()
+
+
 @pytest.mark.timeout(150)
 def test_hostile_headers_and_bodies_touch_only_themselves(amqp_url, prefix, tmp_path, rec_dir):
     # Given a pool under a steady load of healthy events
@@ -144,19 +166,13 @@ def _all_latest(rec_dir: Path, per_key: dict[str, int]) -> bool:
 @pytest.mark.timeout(150)
 def test_connection_flaps_park_no_healthy_event(amqp_url, prefix, tmp_path, rec_dir):
     # Given a pool under load, with prefetched deliveries always in flight
-    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50").start()
-    try:
-        pool.wait_ready()
-        with Load(amqp_url, prefix, rate=300, hot=20, sleep_ms=20) as load:
-            # When the broker closes every connection six times, 3.5 s apart
-            for _ in range(6):
-                wait_until(lambda: _consumers(prefix) >= PARTITIONS, 30, what="partitions consumed again")
-                subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "flap test"], check=True,
-                               capture_output=True, timeout=60)
-                time.sleep(3.5)  # the fault's own rhythm (the issue's scenario), not a synchronisation
-        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
-    finally:
-        pool.stop()
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50", rate=300, sleep_ms=20) as (pool, load):
+        # When the broker closes every connection six times, 3.5 s apart
+        for _ in range(6):
+            wait_until(lambda: _consumers(prefix) >= PARTITIONS, 30, what="partitions consumed again")
+            subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "flap test"], check=True,
+                           capture_output=True, timeout=60)
+            time.sleep(3.5)  # the fault's own rhythm (the issue's scenario), not a synchronisation
     # Then nothing healthy was parked, nothing lost, no key reconciled twice at once
     assert parked_by_key(amqp_url, prefix) == {}
     records = read_records(str(rec_dir))
@@ -175,22 +191,15 @@ def _consumers(prefix: str) -> int:
 @pytest.mark.timeout(180)
 def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_path, rec_dir):
     # Given two workers with a 5 s heartbeat, reconciles that wait (many in flight at any time)
-    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", "--concurrency", "64").start()
-    try:
-        pool.wait_ready()
-        with Load(amqp_url, prefix, rate=200, hot=24, sleep_ms=300) as load:
-            wait_until(lambda: load.published > 400, 30, what="load running")
-            # When one worker is frozen (SIGSTOP) for 25 s while the other takes its partitions
-            frozen = pool.worker_pids()[0]
-            os.kill(frozen, signal.SIGSTOP)
-            try:
-                time.sleep(25)  # the fault itself: a 25 s freeze (a paused VM), not a synchronisation
-            finally:
-                os.kill(frozen, signal.SIGCONT)
-            wait_until(lambda: any("fencing" in e["msg"] for e in pool.logs()), 30, what="the thawed worker fences")
-        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
-    finally:
-        pool.stop()
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5") as (pool, load):
+        # When one worker is frozen (SIGSTOP) for 25 s while the other takes its partitions
+        frozen = pool.worker_pids()[0]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            time.sleep(25)  # the fault itself: a 25 s freeze (a paused VM), not a synchronisation
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        wait_until(lambda: logged(pool, "fencing"), 30, what="the thawed worker fences")
     # Then none of its in-flight reconciles took another step next to the new owner's
     records = read_records(str(rec_dir))
     assert overlaps(records) == [], overlaps(records)[:5]
@@ -202,24 +211,16 @@ def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_pat
 @pytest.mark.timeout(150)
 def test_a_blocked_loop_fences_and_names_the_key(amqp_url, prefix, tmp_path, rec_dir):
     # Given two workers with a 5 s heartbeat under load
-    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5").start()
-    try:
-        pool.wait_ready()
-        with Load(amqp_url, prefix, rate=200, hot=24, sleep_ms=300) as load:
-            wait_until(lambda: load.published > 400, 30, what="load running")
-            # When one reconcile blocks its worker's event loop for 20 s (time.sleep in async def)
-            publish_many(amqp_url, prefix, "rec", [("block1", {"n": 1, "block_s": 20})])
-            wait_until(lambda: any("held the event loop" in e["msg"] for e in pool.logs()), 60,
-                       what="the blocked step reported")
-        wait_until(lambda: _all_latest(rec_dir, load.per_key), 90, what="every key's last event reconciled")
-    finally:
-        pool.stop()
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5") as (pool, load):
+        # When one reconcile blocks its worker's event loop for 20 s (time.sleep in async def)
+        publish_many(amqp_url, prefix, "rec", [("block1", {"n": 1, "block_s": 20})])
+        wait_until(lambda: logged(pool, "held the event loop"), 60, what="the blocked step reported")
     # Then the step is named, the worker fenced itself, and apart from that one step (which no
     # process can stop: it was running when the block began) no key was reconciled twice at once
     logs = pool.logs()
     slow = [e for e in logs if "held the event loop" in e["msg"]]
     assert slow and slow[0]["key"] == "block1"
-    assert any("fencing" in e["msg"] for e in logs)
+    assert logged(pool, "fencing")
     records = read_records(str(rec_dir))
     assert overlaps([r for r in records if r["k"] != "block1"]) == []
     assert_latest_reconciled(records, load.per_key)
