@@ -165,8 +165,10 @@ def _all_latest(rec_dir: Path, per_key: dict[str, int]) -> bool:
 
 @pytest.mark.timeout(150)
 def test_connection_flaps_park_no_healthy_event(amqp_url, prefix, tmp_path, rec_dir):
-    # Given a pool under load, with prefetched deliveries always in flight
-    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50", rate=300, sleep_ms=20) as (pool, load):
+    # Given a pool under more load than it drains (4 reconciles of 100 ms at a time per worker):
+    # a backlog, so the same prefetched deliveries are in flight at flap after flap
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50", "--concurrency", "4",
+                    rate=200, sleep_ms=100) as (pool, load):
         # When the broker closes every connection six times, 3.5 s apart
         for _ in range(6):
             wait_until(lambda: _consumers(prefix) >= PARTITIONS, 30, what="partitions consumed again")
@@ -278,6 +280,7 @@ def test_a_refused_park_returns_the_event_never_acks_it(amqp_url, prefix, tmp_pa
     assert queue_depth(amqp_url, f"{prefix}.rec.parked") + left == 3
 
 
+@pytest.mark.timeout(60)
 def test_an_unencodable_publish_fails_alone_and_the_numbering_holds(amqp_url, prefix):
     # Given a confirm channel and an exchange
     import asyncio
@@ -296,8 +299,8 @@ def test_an_unencodable_publish_fails_alone_and_the_numbering_holds(amqp_url, pr
             last = ch.publish("", f"{prefix}.q", b"3")
             # Then only it fails, at once, and the broker's confirms still match their publishes
             with pytest.raises(PublishError):
-                await broken
-            await asyncio.gather(first, last)
+                await asyncio.wait_for(broken, 10)
+            await asyncio.wait_for(asyncio.gather(first, last), 10)  # a desynced numbering never confirms ``last``
             assert ch.unconfirmed == 0
         finally:
             conn.close()

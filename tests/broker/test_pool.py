@@ -258,30 +258,32 @@ def test_broker_unreachable_at_start_is_a_clear_retry_loop(prefix, tmp_path, rec
 
 
 @pytest.mark.timeout(120)
-def test_a_message_that_kills_its_worker_is_parked(amqp_url, prefix, tmp_path, rec_dir):
-    # Given a pool, and an event whose reconcile kills the worker process every time
-    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
+def test_events_that_kill_their_worker_are_parked_and_the_pool_lives(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool, and two events whose reconciles kill the worker process every time, one
+    # after the other, in one worker slot: 6 deaths within a minute, more than the crash-loop guard's 5
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, "--workers", "1").start()
     try:
         pool.wait_ready()
-        publish_many(amqp_url, prefix, "rec", [("poison", {"n": 1, "crash": True})])
-        # When it has been delivered max-deliveries (3) times
-        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= 1, 90, what="poison parked")
-        # Then it is parked with the reason, the pool is still up and keeps reconciling
+        for n, key in enumerate(("poison1", "poison2"), 1):
+            publish_many(amqp_url, prefix, "rec", [(key, {"n": 1, "crash": True})])
+            # When each has killed its worker max-deliveries (3) times
+            wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") >= n, 90, what=f"{key} parked")
+        # Then each is parked with the reason, the pool is still up and keeps reconciling
         publish_many(amqp_url, prefix, "rec", [("fine", {"n": 1})])
         wait_until(lambda: any(r["k"] == "fine" for r in read_records(str(rec_dir))), 30, what="pool still works")
         assert pool.proc.poll() is None
     finally:
         assert pool.stop() == 0
-    # exactly that event (a worker killed between re-routing a copy and acking the original may
-    # leave two copies of it; both carry its count): only its deaths were counted
+    # exactly those events (a worker killed between re-routing a copy and acking the original may
+    # leave two copies of one; both carry its count): only their own deaths were counted
     parked = get_all(amqp_url, f"{prefix}.rec.parked")
-    assert 1 <= len(parked) <= 2, [p.headers for _, p, _ in parked]
+    assert 2 <= len(parked) <= 4, [p.headers for _, p, _ in parked]
+    assert {p.headers["x-ctlpool-key"] for _, p, _ in parked} == {"poison1", "poison2"}
     for _, props, body in parked:
         assert props.headers["x-ctlpool-reason"] == "too-many-deliveries"
-        assert props.headers["x-ctlpool-key"] == "poison"
         assert b'"crash":true' in body
     deaths = [e for e in pool.logs() if e["logger"] == "ctlpool.supervisor" and "died" in e["msg"]]
-    assert len(deaths) == 3, [e["msg"] for e in deaths]  # --max-deliveries; the crash-loop guard stayed out
+    assert len(deaths) == 6, [e["msg"] for e in deaths]  # 3 each (--max-deliveries); the crash-loop guard stayed out
 
 
 @pytest.mark.timeout(60)
