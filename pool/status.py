@@ -7,6 +7,11 @@ the members themselves report, not a prediction, so a handover in progress shows
 it is (a partition with no owner for a moment, or one listed twice while the broker's
 single-consumer lock decides). Anyone who may publish to ``ctl.members`` writes the names
 ``render`` shows, so they go through ``pool.text.escape``.
+
+Meanwhile a second connection publishes one message nobody receives (default exchange, no
+such queue): during a memory or disk alarm the broker blocks exactly the connections that
+publish, and says so (``connection.blocked``), which is how status tells an alarm. That
+connection is then dropped, not closed: a blocked connection's close is never read.
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ from .settings import BrokerSettings, TopologySettings, redact_url
 from .text import escape
 
 DEFAULT_LISTEN_S = 2.5  # a little over two default heartbeat intervals
+
+
+ALARM_PROBE_KEY = "ctlpool.status.alarm-probe"  # no queue has this name: the probe message is dropped
+
+
+async def _alarm_probe(broker: BrokerSettings) -> Any:
+    """A connection that has just published, so the broker tells it of an alarm (see the docstring)."""
+    probe = await connect(broker.amqp_url, name="ctlpool-status alarm probe", heartbeat_s=broker.heartbeat_s)
+    ch = await probe.channel()
+    ch.raw.basic_publish("", ALARM_PROBE_KEY, b"")
+    return probe
 
 
 async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: list[str] | None = None,
@@ -41,7 +57,10 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
                 heard[hb.id] = time.time()
 
         await ch.consume(ok.method.queue, on_hb, auto_ack=True)
+        probe = await _alarm_probe(broker)
         await asyncio.sleep(listen_s)
+        blocked = probe.blocked
+        probe.abort()
         await ch.close()
         members = table.live()
         names = controllers or sorted({c for hb in members for c in hb.controllers})
@@ -65,6 +84,7 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
                              "parked": parked.ready if parked else None})
         return {
             "broker": redact_url(broker.amqp_url),
+            "broker_blocked": blocked,
             "members": [{"id": hb.id, "node": hb.node, "worker": hb.worker, "weight": hb.weight, "pid": hb.pid,
                          "controllers": list(hb.controllers), "broker_blocked": hb.blocked,
                          "partitions": {c: len(v) for c, v in hb.parts.items()},
@@ -77,7 +97,12 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
 
 def render(snapshot: dict[str, Any]) -> str:
     """Human-readable form of ``collect``'s result."""
-    lines = [f"broker {escape(snapshot['broker'])}", "", f"members ({len(snapshot['members'])}):"]
+    lines = [f"broker {escape(snapshot['broker'])}"]
+    if snapshot.get("broker_blocked"):
+        lines.append(f"BROKER BLOCKS PUBLISHING: {escape(snapshot['broker_blocked'])} (memory or disk alarm): "
+                     "events and retries wait; members' heartbeats can't reach each other, so each may "
+                     "subscribe to the others' partitions (as a standby) until it ends")
+    lines += ["", f"members ({len(snapshot['members'])}):"]
     by_node: dict[str, list[dict[str, Any]]] = {}
     for m in snapshot["members"]:
         by_node.setdefault(m["node"], []).append(m)

@@ -8,6 +8,7 @@ meet another pool on this host by accident.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -198,3 +199,63 @@ def test_publish_says_why_it_waits_while_the_broker_blocks_it(amqp_url, prefix):
         stderr
     assert proc.stdout.read() == f"published 50 events to {prefix}.rec\n"
     assert sum(queue_depth(amqp_url, f"{prefix}.rec.p{i:03d}") for i in range(2)) == 50
+
+
+def consumers_by_connection(prefix: str) -> dict[str, list[str]]:
+    """Partition queue -> the connection names (``ctlpool <member> consume``) consuming it, as the broker sees it."""
+    def rows(*cmd: str) -> list[list[str]]:
+        out = subprocess.run(["rabbitmqctl", "-q", *cmd], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+        return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+    conn_name = {pid: re.search(r'"connection_name","([^"]*)"', props).group(1) if "connection_name" in props else ""
+                 for pid, props in rows("list_connections", "pid", "client_properties")}
+    channel_conn = {pid: conn for pid, conn in rows("list_channels", "pid", "connection")}
+    out: dict[str, list[str]] = {}
+    for queue, channel in rows("list_consumers", "queue_name", "channel_pid"):
+        if queue.startswith(f"{prefix}.rec.p"):
+            out.setdefault(queue, []).append(conn_name.get(channel_conn.get(channel, ""), "?"))
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_after_a_memory_alarm_every_partition_has_one_consumer_and_status_says_which(
+        amqp_url, prefix, tmp_path, rec_dir, node):
+    # Given a pool of 2 workers consuming every partition, under a light load
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    watermark = memory_watermark()
+    try:
+        pool.wait_ready()
+        publish_many(amqp_url, prefix, "rec", [(f"k{i}", {"n": 1}) for i in range(100)])
+        # When the broker raises a memory alarm for 8 s (longer than the member timeout: the
+        # workers' heartbeats stop reaching each other) and then clears it
+        try:
+            set_memory_watermark("0.0000001")
+            wait_until(lambda: any("broker blocked publishing" in e["msg"] for e in pool.logs()), 30,
+                       what="the workers log the block")
+            # Then the block is logged, and `ctlpool status` says it
+            st = ctlpool_cli(amqp_url, "status", "--prefix", prefix, "--partitions", str(PARTITIONS),
+                             "--listen-s", "1.5", "--json")
+            assert st.returncode == 0, st.stderr
+            assert json.loads(st.stdout)["broker_blocked"] == "low on memory"
+            time.sleep(8)  # the alarm's duration: the fault itself, not a synchronisation
+        finally:
+            set_memory_watermark(watermark)
+        wait_until(lambda: any("broker unblocked publishing" in e["msg"] for e in pool.logs()), 30,
+                   what="the workers log the end of the block")
+
+        # And afterwards each partition is consumed by exactly one connection, the one of the
+        # member `ctlpool status` names as its owner (no channel left behind, none untracked)
+        def settled() -> bool:
+            real = consumers_by_connection(prefix)
+            st = ctlpool_cli(amqp_url, "status", "--prefix", prefix, "--partitions", str(PARTITIONS),
+                             "--listen-s", "1.5", "--json")
+            parts = json.loads(st.stdout)["controllers"][0]["partitions"]
+            return len(real) == PARTITIONS and all(
+                len(p["owner"]) == 1 and real[p["queue"]] == [f"ctlpool {p['owner'][0]} consume"] for p in parts)
+        wait_until(settled, 60, interval=1.0, what="one consumer per partition, the one status names")
+        publish_many(amqp_url, prefix, "rec", [(f"after{i}", {"n": 1}) for i in range(50)])
+        wait_until(lambda: {f"after{i}" for i in range(50)} <= {r["k"] for r in read_records(str(rec_dir))}, 60,
+                   what="events after the alarm reconciled")
+    finally:
+        assert pool.stop() == 0
