@@ -143,8 +143,12 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
         send(state.encode())
 
     metrics = WorkerMetrics()
-    worker = Worker(settings=settings, controllers=[load_controller(r) for r in settings.controllers],
-                    index=index, on_state=report, metrics=metrics)
+    try:
+        controllers = [load_controller(r) for r in settings.controllers]
+    except ConfigError as exc:  # `run` checked them before forking; a Supervisor used from code may not have
+        logging.getLogger("ctlpool.worker").error("%s", exc, extra={"worker": index})
+        sys.exit(EXIT_CONFIG)  # the supervisor stops: restarting can't fix a configuration
+    worker = Worker(settings=settings, controllers=controllers, index=index, on_state=report, metrics=metrics)
 
     reporter = MetricsReporter(metrics, send, worker=index)
 
@@ -266,6 +270,8 @@ class Supervisor:
             n.stopping(self._show())
         elif event == "crash-loop":
             n.status("crash loop: a worker kept dying; exiting " + str(EXIT_CRASH_LOOP))
+        elif event == "config":
+            n.status("a worker could not load its controllers; exiting " + str(EXIT_CONFIG))
         self.on_event(event, self)
 
     # ------------------------------------------------------------------ metrics endpoint
@@ -459,6 +465,10 @@ class Supervisor:
                 s.retiring = False
                 self._start(s)
                 continue
+            if code == EXIT_CONFIG:
+                log.error("worker %d cannot load its controllers (see above); stopping", s.index,
+                          extra={"worker": s.index})
+                return self._give_up(now, "config", EXIT_CONFIG)
             self.restarts += 1
             inside = journal.read_inflight(journal.path_for(self.settings.state_dir, self.settings.node_id, s.index))
             if inside:
@@ -475,21 +485,25 @@ class Supervisor:
             if len(s.deaths) >= CRASH_LOOP_DEATHS:
                 log.error("worker %d died %d times within %.0fs (last exit %s); giving up",
                           s.index, len(s.deaths), CRASH_LOOP_WINDOW_S, code, extra={"worker": s.index})
-                self._stopping_since = now
-                self._signal_all(signal.SIGTERM)
-                for o in self.slots:
-                    if o.proc is not None:
-                        o.proc.join(self.settings.worker.drain_timeout_s + KILL_GRACE_S)
-                        if o.proc.is_alive():
-                            o.proc.kill()
-                self._event("crash-loop")
-                return EXIT_CRASH_LOOP
+                return self._give_up(now, "crash-loop", EXIT_CRASH_LOOP)
             delay = min(RESTART_FIRST_S * 2 ** (len(s.deaths) - 1), RESTART_MAX_S)
             s.restart_at = now + delay
             log.warning("worker %d died (exit %s); restarting in %.1fs", s.index, code, delay,
                         extra={"worker": s.index})
             self._event("degraded")
         return None
+
+    def _give_up(self, now: float, event: str, code: int) -> int:
+        """Drain the other workers (killed after the drain timeout) and end with ``code``."""
+        self._stopping_since = now
+        self._signal_all(signal.SIGTERM)
+        for o in self.slots:
+            if o.proc is not None:
+                o.proc.join(self.settings.worker.drain_timeout_s + KILL_GRACE_S)
+                if o.proc.is_alive():
+                    o.proc.kill()
+        self._event(event)
+        return code
 
     def _advance_rolling(self) -> None:
         """Rolling restart: retire the first slot in line once every worker is ready."""

@@ -14,6 +14,7 @@ import pytest
 
 from pool.settings import BrokerSettings, PoolSettings
 from pool.supervisor import worker_main
+from tests.helpers import ROOT
 
 # A parent that forks a child armed with die_with_parent(SIGTERM), prints the child's pid once
 # the child is armed, then sleeps until killed.
@@ -92,3 +93,23 @@ def test_a_worker_whose_supervisor_is_already_gone_exits_at_once() -> None:
             proc.kill()
             proc.join()
         recv.close()
+
+
+def test_a_supervisor_whose_workers_cannot_load_their_controllers_stops_with_exit_2(tmp_path):
+    # Given a Supervisor used from code (not `ctlpool run`, which checks controllers before
+    # forking), configured with a controller whose module does not import
+    script = (
+        "import sys\n"
+        "from pool.settings import PoolSettings\n"
+        "from pool.supervisor import Supervisor\n"
+        f"s = PoolSettings(controllers=('tests.no_such_module:X',), workers=2, pin=False, state_dir={str(tmp_path)!r},"
+        " node_id='cfg-test')\n"
+        "sys.exit(Supervisor(s).run())\n")
+    # When it runs
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # Then it stops at once with the configuration exit code, naming the reference, no crash loop
+    out = r.stdout + r.stderr  # the workers log as configured (JSON on stdout)
+    assert r.returncode == 2, out[-2000:]
+    assert "tests.no_such_module" in out and "Traceback" not in out
+    assert "died" not in out
