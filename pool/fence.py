@@ -11,14 +11,16 @@ that arrives after the lease ran out does not renew it (it may be data queued be
 broker closed us), the lease is lost for the rest of the session, and ``on_lost`` tells the
 worker, which cancels everything in flight and rejoins.
 
-``fenced(coro, lease, on_slow)`` drives a reconcile coroutine step by step, checking the lease
-before each step: once it is lost the coroutine gets ``CancelledError`` thrown in at its next
+``first_step(coro, lease, on_slow, *args)`` runs a reconcile's first step in place (most
+reconciles finish in it) and returns, if it waits, an awaitable for the rest that checks the
+lease before each further step (``fenced`` does both); the lease is checked before the first
+step too: once it is lost the coroutine gets ``CancelledError`` thrown in at its next
 suspension point instead of the value it waited for. uvloop runs due timers before it reads
 the socket that would report a dead connection, so after a freeze (SIGSTOP, a VM pause, a
 blocking call on the loop) this check, which reads the clock, is what stops the step — not
 the connection loss. What it cannot stop: the step already executing when the freeze came.
 
-``on_slow(seconds)`` hears of each step that held the loop ``SLOW_STEP_S`` or more (the
+``on_slow(seconds, *args)`` hears of each step that held the loop ``SLOW_STEP_S`` or more (the
 blocked-loop watchdog: the worker names the controller and key). Cost: two clock reads and a
 lease check per step (measured in ``bench/README.md``).
 """
@@ -26,7 +28,7 @@ lease check per step (measured in ``bench/README.md``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any, Callable
 
 LEASE_FRACTION = 0.5  # of the negotiated heartbeat timeout; see the module docstring
@@ -77,37 +79,90 @@ class Fenced(asyncio.CancelledError):
     """Thrown into a reconcile whose worker lost its lease (a subclass of ``CancelledError``)."""
 
 
-class _Driver:
-    __slots__ = ("_coro", "_lease", "_on_slow")
+def first_step(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[..., None],
+               *args: Any) -> tuple[bool, Any]:
+    """Check the lease, then run ``coro``'s first step here: ``(True, result)`` when it finished
+    in it (the common case costs no more than this call), ``(False, awaitable)`` when it waits:
+    await that for the rest, each step checked (``rest``). Raises ``Fenced`` without starting it
+    when the lease is lost, and whatever the step raised."""
+    lease_clock = lease.clock
+    t0 = lease_clock()
+    if lease.lost or t0 > lease.until:
+        lease.valid()  # records and reports the loss
+        coro.close()
+        raise Fenced(lease.why)
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    finally:
+        took = lease_clock() - t0
+        if took >= SLOW_STEP_S:
+            on_slow(took, *args)
+    return False, _Rest(coro, yielded, lease, on_slow, args)
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[[float], None]) -> None:
+
+class _Rest:
+    """The rest of a coroutine whose first step ran in ``first_step``: hands the task what that
+    step waits on, then checks the lease before every further step. Its own iterator, so a step
+    costs a method call, not a generator frame (``eager._Resume`` is built the same way)."""
+
+    __slots__ = ("_coro", "_pending", "_lease", "_on_slow", "_args", "_t0")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any, lease: Lease, on_slow: Callable[..., None],
+                 args: tuple[Any, ...]) -> None:
         self._coro = coro
+        self._pending: Any = pending
         self._lease = lease
         self._on_slow = on_slow
+        self._args = args
+        self._t0 = 0.0
 
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, lease, clock = self._coro, self._lease, self._lease.clock
-        send: Any = None
-        throw: BaseException | None = None
-        while True:
-            if throw is None and not lease.valid():
-                throw = Fenced(lease.why)
-            t0 = clock()
-            try:
-                yielded = coro.send(send) if throw is None else coro.throw(throw)
-            except StopIteration as stop:  # PEP 479: it must not leave this generator as itself
-                return stop.value
-            finally:
-                took = clock() - t0
-                if took >= SLOW_STEP_S:
-                    self._on_slow(took)
-            send, throw = None, None
-            try:
-                send = yield yielded
-            except BaseException as exc:  # noqa: BLE001 - cancellation and the like, for the coroutine
-                throw = exc
+    def __await__(self) -> "_Rest":
+        return self
+
+    def __iter__(self) -> "_Rest":
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def _stepped(self) -> None:
+        took = self._lease.clock() - self._t0
+        if took >= SLOW_STEP_S:
+            self._on_slow(took, *self._args)
+
+    def send(self, value: Any) -> Any:
+        pending = self._pending
+        if pending is not None:  # the first step's outcome: what it waits on
+            self._pending = None
+            return pending
+        lease = self._lease
+        self._t0 = now = lease.clock()
+        if lease.lost or now > lease.until:
+            lease.valid()
+            return self.throw(Fenced(lease.why))
+        try:
+            return self._coro.send(value)
+        finally:
+            self._stepped()
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._pending = None
+        if not isinstance(typ, BaseException):
+            typ = typ() if val is None else val
+        self._t0 = self._lease.clock()
+        try:
+            return self._coro.throw(typ)
+        finally:
+            self._stepped()
+
+    def close(self) -> None:
+        self._coro.close()
 
 
-def fenced(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[[float], None]) -> Any:
-    """An awaitable running ``coro`` with the lease checked before every step."""
-    return _Driver(coro, lease, on_slow)
+async def fenced(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[..., None], *args: Any) -> Any:
+    """Await ``coro`` with the lease checked before every step; ``on_slow(seconds, *args)``
+    hears of a step that held the loop ``SLOW_STEP_S`` or more."""
+    finished, value = first_step(coro, lease, on_slow, *args)
+    return value if finished else await value

@@ -2,8 +2,8 @@
 
 Data flow: each worker maps a small file, ``<state-dir>/<node-id>-<slot>.inflight``, of
 ``concurrency`` fixed records. Before a reconcile starts, the worker writes the digest of the
-event it hands to the controller (``digest(key, body)``) and the deaths already blamed on that
-event into a free record (``enter``); when
+event it hands to the controller (``digest(key, body)``: a CRC-32 of key and body and the
+body's length) and the deaths already blamed on that event into a free record (``enter``); when
 the reconcile ends, however it ends, it zeroes that record (``leave``). Writes go to a shared
 file mapping: stores into the page cache, no system call, and they outlive the process however
 it dies (SIGKILL, a segfault, the OOM killer) — not the host, which is all they have to.
@@ -18,18 +18,29 @@ blame (DESIGN G3). A clean exit leaves every record zero.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
+import struct
+import zlib
 
-DIGEST = 15  # bytes of a blake2b digest: collisions among a few hundred events in flight are not a concern
-RECORD = DIGEST + 1  # and one byte: the deaths blamed on the event before this reconcile
+# A record: CRC-32 of key and body, the body's length (mod 2^16), deaths blamed before this
+# reconcile. A CRC, not a cryptographic hash: it is computed for every reconcile (~0.2 us
+# against ~0.5 us for blake2b), and a collision only matters between one of the few events a
+# dead worker held and a redelivered message (odds ~1e-8 per lookup).
+_RECORD = struct.Struct(">IHB")
+RECORD = _RECORD.size
+DIGEST = RECORD - 1
 _ZERO = bytes(RECORD)
 
 
-def digest(key: str, body: bytes) -> bytes:
+def _ident(key: str | bytes, body: bytes) -> tuple[int, int]:
+    k = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key  # pika: bytes if not UTF-8
+    return zlib.crc32(body, zlib.crc32(k)), len(body) & 0xFFFF
+
+
+def digest(key: str | bytes, body: bytes) -> bytes:
     """What identifies an event across redeliveries, re-routes and hosts: its key and body."""
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass") + b"\0" + body, digest_size=DIGEST).digest()
+    return _RECORD.pack(*_ident(key, body), 0)[:DIGEST]
 
 
 def path_for(state_dir: str, node_id: str, slot: int) -> str:
@@ -74,15 +85,14 @@ class Journal:
         leftover = read_inflight(path)
         return cls(path, slots), leftover
 
-    def enter(self, event: bytes, deaths: int) -> int:
-        """Record ``event`` (a digest) as inside a reconcile, ``deaths`` already blamed on it;
-        returns the record to ``leave``. -1 when full."""
+    def enter(self, key: str | bytes, body: bytes, deaths: int) -> int:
+        """Record the event (``key``, ``body``) as inside a reconcile, ``deaths`` already blamed
+        on it; returns the record to ``leave``. -1 when full."""
         if not self._free:
             return -1
         slot = self._free.pop()
-        at = slot * RECORD
-        self._map[at:at + DIGEST] = event
-        self._map[at + DIGEST] = min(deaths, 254)
+        crc, size = _ident(key, body)
+        _RECORD.pack_into(self._map, slot * RECORD, crc, size, deaths if deaths < 254 else 254)
         return slot
 
     def leave(self, slot: int) -> None:

@@ -13,9 +13,9 @@ def test_a_killed_process_leaves_its_in_flight_events_with_their_counts(tmp_path
     pid = os.fork()
     if pid == 0:
         j = journal.Journal(path, 4)
-        j.enter(a, 0)
-        j.enter(b, 1)
-        j.leave(j.enter(journal.digest("done", b""), 0))
+        j.enter("k1", b"{}", 0)
+        j.enter("k2", b"{}", 1)
+        j.leave(j.enter("done", b"", 0))
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
     # When the slot's next process takes the journal
@@ -23,14 +23,14 @@ def test_a_killed_process_leaves_its_in_flight_events_with_their_counts(tmp_path
     # Then it holds exactly the two in flight, each with one more death
     assert leftover == {a: 1, b: 2}
     # and a clean exit leaves nothing
-    j.enter(a, 0)
+    j.enter("k1", b"{}", 0)
     j.close()
     assert journal.read_inflight(path) == {}
 
 
 def test_a_full_journal_never_raises(tmp_path):
     j = journal.Journal(journal.path_for(str(tmp_path), "n", 1), 1)
-    first, second = j.enter(b"x" * journal.DIGEST, 0), j.enter(b"y" * journal.DIGEST, 0)
+    first, second = j.enter("x", b"", 0), j.enter(b"\xff", b"", 300)
     assert first == 0 and second == -1
     j.leave(second)
     j.close()
