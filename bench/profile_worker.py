@@ -130,6 +130,7 @@ def _run_side(side: str, args: argparse.Namespace, n: int, prof: cProfile.Profil
 
     from bench.controllers import Noop, flush
     from bench.floor import BareConsumer
+    from pool.messages import WorkerState
     from pool.settings import BrokerSettings, PoolSettings, TopologySettings, WorkerSettings
     from pool.worker import Worker
 
@@ -147,7 +148,7 @@ def _run_side(side: str, args: argparse.Namespace, n: int, prof: cProfile.Profil
                                                       reroute_on_acquire=False))
         ready = asyncio.Event()
         worker = Worker(settings=settings, controllers=[Noop()],
-                        on_state=lambda s: ready.set() if s == "ready" else None)
+                        on_state=lambda s: ready.set() if s is WorkerState.READY else None)
         run = asyncio.ensure_future(worker.run())
         await asyncio.wait_for(ready.wait(), 120)
 

@@ -3,8 +3,8 @@
 Data flow:
 
     Worker --WorkerMetrics.<event>(...)--> in-process lists and dicts (a few hundred ns a call, no I/O)
-      every REPORT_INTERVAL_S: MetricsReporter sends METRICS_TAG + WorkerMetrics.encode() on the
-      worker's status pipe (the same pipe that carries its state strings; also its heartbeat)
+      every REPORT_INTERVAL_S: MetricsReporter sends messages.encode_metrics(WorkerMetrics.encode()) on the
+      worker's status pipe (the same pipe that carries its states; also its heartbeat)
     Supervisor --Aggregate.update(slot, payload)--> latest snapshot per live worker
       a worker that dies: Aggregate.retire(slot) keeps its counters and histograms (so totals
       stay monotonic across restarts) and drops its gauges
@@ -30,9 +30,10 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
+from .messages import encode_metrics
+
 log = logging.getLogger("ctlpool.metrics")
 
-METRICS_TAG = b"\x00"  # status-pipe messages starting with this byte are snapshots; states are ASCII words
 REPORT_INTERVAL_S = 1.0  # snapshot period: fresh enough for a 15 s scrape, ~1 KB/s per worker
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -227,7 +228,7 @@ class WorkerMetrics:
 
 
 class MetricsReporter:
-    """In a worker: send ``METRICS_TAG`` + a snapshot every ``REPORT_INTERVAL_S`` through ``send``.
+    """In a worker: send ``messages.encode_metrics(snapshot)`` every ``REPORT_INTERVAL_S`` through ``send``.
 
     The snapshots double as the worker's heartbeat (the supervisor feeds systemd's watchdog on
     them), so a failing sampler must not stop them: the last good snapshot is sent again and
@@ -238,12 +239,12 @@ class MetricsReporter:
         self.metrics = metrics
         self.send = send
         self.worker = worker
-        self._last = METRICS_TAG + b"{}"
+        self._last = encode_metrics(b"{}")
         self._failed = False
 
     def send_now(self) -> None:
         try:
-            self._last = METRICS_TAG + self.metrics.encode()
+            self._last = encode_metrics(self.metrics.encode())
         except Exception:  # noqa: BLE001 - whatever the sampler raised
             if not self._failed:
                 log.exception("metrics snapshot failed; repeating the last one", extra={"worker": self.worker})

@@ -22,8 +22,8 @@ Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 supervisor decides), drain on SIGTERM however often it comes — the kernel sends them one
 when the supervisor dies, SIGKILL included (``PR_SET_PDEATHSIG``), so no orphan keeps
 consuming — and report on a pipe:
-states ("ready", "reconnecting", "draining") as ASCII words, and every
-``metrics.REPORT_INTERVAL_S`` a metrics snapshot (``METRICS_TAG`` + bytes), which doubles as
+states (``messages.WorkerState``) and every ``metrics.REPORT_INTERVAL_S`` a metrics snapshot
+(``messages.Metrics``), typed by ``pool.messages``; the snapshots double as
 a heartbeat of the worker's event loop.
 
 Around the loop: systemd hears READY / WATCHDOG / STATUS / RELOADING / STOPPING
@@ -51,7 +51,8 @@ from typing import Any, Callable
 
 from . import journal, nodelock
 from .errors import ConfigError
-from .metrics import METRICS_TAG, Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
+from .messages import Metrics, WorkerState, decode, encode_state
+from .metrics import Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
 from .notify import Notifier, forget_env
 from .pinning import decide, local_facts
 from .settings import PoolSettings
@@ -139,8 +140,8 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
         except OSError:
             pass  # the supervisor is gone; SIGTERM or the orphan's own exit follows
 
-    def report(state: str) -> None:
-        send(state.encode())
+    def report(state: WorkerState) -> None:
+        send(encode_state(state))
 
     metrics = WorkerMetrics()
     try:
@@ -429,13 +430,15 @@ class Supervisor:
             return
         try:
             while s.status.poll():
-                message = s.status.recv_bytes()
+                message = decode(s.status.recv_bytes())
                 s.heard = now
-                if message.startswith(METRICS_TAG):
-                    self.metrics.update(s.index, message[len(METRICS_TAG):])
+                if isinstance(message, Metrics):
+                    self.metrics.update(s.index, message.payload)
+                    continue
+                if message is None:
                     continue
                 was = self.ready
-                s.ready = message == b"ready"
+                s.ready = message is WorkerState.READY
                 if self.ready and not was:
                     log.info("all %d workers ready", len(self.slots))
                     self._event("ready")

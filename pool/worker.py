@@ -34,20 +34,21 @@ from typing import Any, Callable
 
 import pika
 
-from . import codec, eager, journal
+from . import codec, eager, journal, outcome
 from .acks import AckBatch
-from .amqp import ChannelGone, Channel, ConfirmChannel, Connection, connect
+from .amqp import NOT_FOUND, ChannelGone, Channel, ConfirmChannel, Connection, connect
 from . import membership
 from .assignment import Member, owned_by
 from .membership import MemberTable
 from .codec import DecodeFailed
-from .controller import Context, Controller, Result, is_async
-from .errors import BrokerError, Permanent
-from .fence import LEASE_FRACTION, Fenced, Lease, fenced
+from .controller import Context, Controller, is_async
+from .errors import BrokerError
+from .fence import LEASE_FRACTION, Fenced, Lease, first_step
+from .messages import WorkerState
 from .metrics import WorkerMetrics
 from .retries import next_hop
 from .settings import PoolSettings, redact_url
-from .topology import NOT_FOUND, Names, declare_clean_marker, is_clean, members_exchange
+from .topology import Names, declare_clean_marker, is_clean, members_exchange
 
 log = logging.getLogger("ctlpool.worker")
 
@@ -150,7 +151,7 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        on_state: Callable[[str], None] | None = None,
+        on_state: Callable[[WorkerState], None] | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         from .workqueue import WorkQueue
@@ -234,7 +235,7 @@ class Worker:
             delay = backoff * (1 + JITTER * (2 * self.rand() - 1))
             log.info("reconnecting in %.1fs to %s", delay, redact_url(self.settings.broker.amqp_url),
                      extra={"worker": self.index})
-            self.on_state("reconnecting")
+            self.on_state(WorkerState.RECONNECTING)
             try:
                 await asyncio.wait_for(self._stop.wait(), delay)
             except asyncio.TimeoutError:
@@ -243,7 +244,7 @@ class Worker:
         self._threads.shutdown(wait=True)
         if self._journal is not None:
             self._journal.close()
-        self.on_state("stopped")
+        self.on_state(WorkerState.STOPPED)
 
     def _open_journal(self) -> None:
         """Take the blame the slot's previous process left (``pool.journal``) and start a fresh journal."""
@@ -299,7 +300,7 @@ class Worker:
                 raise self._session_lost.result()
             log.info("member %s consuming %d partitions (%d members)", self.member_id, self._active_count(),
                      len(self._members.live()), extra={"worker": self.index})
-            self.on_state("ready")
+            self.on_state(WorkerState.READY)
             self._served = True
         stop = asyncio.ensure_future(self._stop.wait())
         lost = [consume.closed, publish.closed, self._pub.ch.closed, self._session_lost]
@@ -441,7 +442,7 @@ class Worker:
         session.set_result(ChannelGone(0, f"partition {part.queue}: {why}"))
 
     async def _drain(self) -> None:
-        self.on_state("draining")
+        self.on_state(WorkerState.DRAINING)
         # Say goodbye first: peers subscribe right away (standby behind our consumers), so
         # each partition changes hands the moment we close its channel.
         self._heartbeat(bye=True)
@@ -530,7 +531,7 @@ class Worker:
         if ch is not None and ch.is_open:
             confirms = [self._reroute_delivery(d) for d in queued if d.ch is ch]
             for method, props, body in part.held:
-                n = self._redeliveries(props.headers, method.routing_key, body)
+                n = self._redeliveries(props.headers, method, body)
                 confirms.append(self._forward(part, ch, method, props, body, part.ctl.exchange,
                                               self._carried_headers(props, n)))
             part.held = []
@@ -551,8 +552,6 @@ class Worker:
         if part.held is not None:  # measuring the guard window, or releasing
             part.held.append((method, props, body))
             return
-        if not self._lease.valid():
-            return  # fenced: the session is ending and the delivery goes back with the connection
         try:
             d = self._admit(part, ch, method, props, body)
         except Exception as exc:  # noqa: BLE001 - nothing in one delivery's path may take the connection down
@@ -581,7 +580,7 @@ class Worker:
             self._park_raw(ch, part, method, props, body, codec.PARK_BAD_HEADERS,
                            f"headers could not be decoded: {headers[codec.H_BAD_FRAME]}")
             return None
-        redeliveries = self._redeliveries(headers, method.routing_key, body)
+        redeliveries = self._redeliveries(headers, method, body)
         if redeliveries >= self._max_deliveries:
             self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
                            f"its worker died inside its reconcile {redeliveries} times")
@@ -598,11 +597,13 @@ class Worker:
             return None
         attempt = 0
         if headers is not None:
-            delay_ms = codec.header_int(headers, codec.H_DELAY_MS, codec.MAX_DELAY_MS)
-            if delay_ms:
-                self._hop(ch, part, method, props, body, delay_ms / 1000.0, redeliveries)
-                return None
-            attempt = codec.header_int(headers, codec.H_ATTEMPT, codec.MAX_ATTEMPT) or 0
+            if codec.H_DELAY_MS in headers:
+                delay_ms = codec.header_int(headers, codec.H_DELAY_MS, codec.MAX_DELAY_MS)
+                if delay_ms:
+                    self._hop(ch, part, method, props, body, delay_ms / 1000.0, redeliveries)
+                    return None
+            if codec.H_ATTEMPT in headers:
+                attempt = codec.header_int(headers, codec.H_ATTEMPT, codec.MAX_ATTEMPT) or 0
         ctl = part.ctl
         try:
             event = ctl.decode(body)
@@ -614,17 +615,18 @@ class Worker:
         d.queued_at = self.clock()
         return d
 
-    def _redeliveries(self, headers: dict[str, Any] | None, key: str, body: bytes) -> int:
+    def _redeliveries(self, headers: dict[str, Any] | None, method: Any, body: bytes) -> int:
         """Times this event was inside a reconcile when its worker died: what it carries (counted
         by other workers, kept across re-routes) or what this slot's journal says, the larger.
         Redeliveries for any other reason (connection flaps, broker restarts, drains, a frozen
         worker) don't count. The journal's count is kept, not used up: a re-routed copy and the
-        original it came from (acked a moment later) are the same event."""
+        original it came from (acked a moment later) are the same event. Only a redelivered
+        message can be one the dead worker held, so only those pay for the digest."""
         carried = 0
-        if headers is not None:
+        if headers is not None and codec.H_REDELIVERIES in headers:
             carried = codec.header_int(headers, codec.H_REDELIVERIES, codec.MAX_ATTEMPT) or 0
-        if self._blamed:
-            blame = self._blamed.get(journal.digest(key, body))
+        if self._blamed and method.redelivered:
+            blame = self._blamed.get(journal.digest(method.routing_key, body))
             if blame is not None:
                 return max(carried, blame[0])
         return carried
@@ -791,7 +793,8 @@ class Worker:
     # ---------------------------------------------------------------- reconciles
 
     def _pump(self) -> None:
-        if not self._connected or not self._lease.valid():
+        # (no lease check here: every reconcile checks it before its first step, see _reconcile)
+        if not self._connected:
             return
         wq = self._wq
         while self._inflight < self._concurrency:
@@ -832,50 +835,42 @@ class Worker:
         self.stats.reconciles += 1
         thread_fut: asyncio.Future[Any] | None = None
         ran_s = 0.0  # the reconcile call and the confirms of what it published
-        outcome: str | None = None  # a controller-runtime result, once settled
+        result: str | None = None  # a controller-runtime result label, once settled
         # in the journal while the controller holds the event: if this process dies now, it is to blame
-        slot = self._journal.enter(journal.digest(key, last.body), last.redeliveries) if self._journal else -1
+        slot = self._journal.enter(key, last.body, last.redeliveries) if self._journal else -1
         try:
             try:
-                try:
-                    if ctl.is_async:
-                        result = await fenced(ctl.controller.reconcile(key, last.event, ctx), self._lease,
-                                              lambda s: self._slow_step(ctl.name, key, s))
-                    else:
-                        thread_fut = self._loop.run_in_executor(  # type: ignore[union-attr]
-                            self._threads, ctl.controller.reconcile, key, last.event, ctx)
-                        result = await asyncio.shield(thread_fut)
-                    if result is not None and not isinstance(result, Result):
-                        raise TypeError(f"reconcile returned {type(result).__name__} {str(result)[:80]!r}; "
-                                        "expected a Result or None")
-                    if ctx._confirms:
-                        await self._wait_confirms(ctx)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task not in self._timed_out:
-                        raise
-                    task.uncancel()  # type: ignore[union-attr]  # handled: settle it as a failure
-                    raise TimeoutError() from None
-            except Permanent as exc:
-                ran_s = self.clock() - started
-                await self._settle_park(ctl, items, codec.PARK_PERMANENT, str(exc) or "Permanent")
-                outcome = "error"
-            except (asyncio.CancelledError, ChannelGone):
+                if ctl.is_async:
+                    finished, produced = first_step(ctl.controller.reconcile(key, last.event, ctx), self._lease,
+                                                    self._slow_step, ctl.name, key)
+                    if not finished:
+                        produced = await produced
+                else:
+                    self.check_lease()  # its thread has no step driver: check before it starts
+                    thread_fut = self._loop.run_in_executor(  # type: ignore[union-attr]
+                        self._threads, ctl.controller.reconcile, key, last.event, ctx)
+                    produced = await asyncio.shield(thread_fut)
+                if ctx._confirms:
+                    await self._wait_confirms(ctx)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task not in self._timed_out:
+                    raise  # connection lost, fenced or shutting down
+                task.uncancel()  # type: ignore[union-attr]  # handled: settle it as a failure
+                produced = TimeoutError()
+            except ChannelGone:
                 raise
             except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... fail this reconcile, not the worker
-                ran_s = self.clock() - started
-                await self._settle_failure(ctl, key, items, attempt, exc)
-                outcome = "error"
+                produced = exc
+            ran_s = self.clock() - started
+            decision = outcome.ACK if produced is None else outcome.decide(
+                produced, policy=ctl.controller.retry, attempt=attempt, timeout_s=self._timeout_s, rand=self.rand)
+            if decision is outcome.ACK:  # the common case, without another coroutine
+                self.stats.succeeded += 1
+                self._ack_all(items)
+                result = "success"
             else:
-                ran_s = self.clock() - started
-                if result is not None and isinstance(result, Result) and result.requeue_after is not None:
-                    self.stats.requeued += 1
-                    await self._settle_delay(ctl, key, items, result.requeue_after, 0)
-                    outcome = "requeue_after"
-                else:
-                    self.stats.succeeded += 1
-                    self._ack_all(items)
-                    outcome = "success"
+                result = await self._settle(ctl, key, items, decision)
         except (asyncio.CancelledError, ChannelGone):
             pass  # connection lost, fenced or shutting down: deliveries go back to the broker unacked
         except Exception as exc:  # noqa: BLE001 - a park/retry publish was refused: the broker keeps the event
@@ -889,12 +884,12 @@ class Worker:
                 await asyncio.wait({thread_fut})
             if self._journal is not None:
                 self._journal.leave(slot)
-            if outcome is not None:
-                self.metrics.reconciled(ctl.name, outcome, ran_s,
-                                        ran_s if outcome == "success" else self.clock() - started)
+            if result is not None:
+                self.metrics.reconciled(ctl.name, result, ran_s,
+                                        ran_s if result == "success" else self.clock() - started)
             self._finish(ctl, key, items)
 
-    def _slow_step(self, controller: str, key: str, seconds: float) -> None:
+    def _slow_step(self, seconds: float, controller: str, key: str) -> None:
         """The blocked-loop watchdog (``pool.fence``): a step that held the loop names itself."""
         self.metrics.loop_blocked(controller)
         log.warning("a reconcile step held the event loop for %.1fs (every other key of this worker waited, "
@@ -961,21 +956,28 @@ class Worker:
         exchange = self._delay_via(ctl, delay_s, headers)
         await self._publish_then_ack(items, exchange, key, last.body, headers, last.content_type)
 
-    async def _settle_failure(self, ctl: _Ctl, key: str, items: list[Delivery], attempt: int,
-                              exc: BaseException) -> None:
-        failures = attempt + 1
-        policy = ctl.controller.retry
-        err = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TimeoutError) else \
-            f"TimeoutError: reconcile exceeded {self._timeout_s:g}s"
+    async def _settle(self, ctl: _Ctl, key: str, items: list[Delivery], decision: outcome.Decision) -> str:
+        """Carry out ``decision`` (``pool.outcome``); returns controller-runtime's result label."""
+        if isinstance(decision, outcome.Ack):
+            self.stats.succeeded += 1
+            self._ack_all(items)
+            return "success"
+        if isinstance(decision, outcome.Park):
+            if decision.reason != codec.PARK_PERMANENT:
+                self.stats.failed += 1
+            await self._settle_park(ctl, items, decision.reason, decision.error)
+            return "error"
+        if not decision.error:
+            self.stats.requeued += 1
+            await self._settle_delay(ctl, key, items, decision.seconds, 0)
+            return "requeue_after"
         self.stats.failed += 1
-        if policy.exhausted(failures):
-            await self._settle_park(ctl, items, codec.PARK_MAX_ATTEMPTS, f"after {failures} attempts: {err}")
-            return
         self.metrics.retried(ctl.name)
-        delay = policy.delay_s(failures, self.rand)
-        log.warning("reconcile failed (attempt %d), retrying in %.1fs: %s", failures, delay, err[:300],
-                    extra={"worker": self.index, "controller": ctl.name, "key": key, "attempt": failures})
-        await self._settle_delay(ctl, key, items, delay, failures)
+        log.warning("reconcile failed (attempt %d), retrying in %.1fs: %s", decision.attempt, decision.seconds,
+                    decision.error[:300], extra={"worker": self.index, "controller": ctl.name, "key": key,
+                                                 "attempt": decision.attempt})
+        await self._settle_delay(ctl, key, items, decision.seconds, decision.attempt)
+        return "error"
 
     async def _settle_park(self, ctl: _Ctl, items: list[Delivery], reason: str, error: str) -> None:
         last = items[-1]
@@ -1033,15 +1035,9 @@ class Worker:
 
     async def _emit_checked(self, exchange: str, key: str, body: bytes, headers: dict[str, Any]) -> None:
         """Publishing to a missing exchange would close our publish channel (404): check it once first."""
-        ch = await self._consume_conn.channel()
-        try:
-            await ch.rpc("exchange_declare", exchange=exchange, passive=True)
-        except ChannelGone as exc:
-            if exc.reply_code == NOT_FOUND:
-                raise BrokerError(f"ctx.publish: exchange {exchange} does not exist (unknown controller?)") from None
-            raise
-        finally:
-            await ch.close()
+        assert self._consume_conn is not None
+        if not await self._consume_conn.exists("exchange", exchange):
+            raise BrokerError(f"ctx.publish: exchange {exchange} does not exist (unknown controller?)")
         self._known_exchanges.add(exchange)
         assert self._pub is not None
         await self._timed(self._pub.publish(exchange, key, body, headers))

@@ -8,11 +8,11 @@ import urllib.request
 
 import pytest
 
+from pool.messages import Metrics, decode
 from pool.metrics import (
     CONFIRM_BUCKETS,
     CONTENT_TYPE,
     FAMILIES,
-    METRICS_TAG,
     Aggregate,
     MetricsReporter,
     MetricsServer,
@@ -276,9 +276,9 @@ def test_reporter_repeats_the_last_snapshot_when_the_sampler_breaks(caplog: pyte
     reporter.send_now()
     # Then every report still goes out (it is the worker's heartbeat), carrying the last good counts
     assert len(sent) == 3 and sent[1] == sent[2] == sent[0]
-    assert sent[0].startswith(METRICS_TAG)
+    assert isinstance(decode(sent[0]), Metrics)
     agg = Aggregate()
-    agg.update(3, sent[2][len(METRICS_TAG):])
+    agg.update(3, decode(sent[2]).payload)
     assert samples(agg.render())['workqueue_adds_total{controller="c",name="c"}'] == 1
     # and the failure is logged once, not once a second
     assert sum("metrics snapshot failed" in r.getMessage() for r in caplog.records) == 1
