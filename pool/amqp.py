@@ -30,6 +30,7 @@ from .settings import redact_url
 log = logging.getLogger("ctlpool.amqp")
 
 PERSISTENT = 2  # AMQP delivery_mode for messages that survive a broker restart
+NOT_FOUND = 404  # AMQP reply code: no such exchange or queue
 CLOSE_GRACE_S = 2.0  # a connection the broker doesn't let us close (blocked by an alarm) is then aborted
 
 frames.install()  # no header a foreign publisher can send takes a connection down
@@ -97,6 +98,20 @@ class Connection:
         conf = ConfirmChannel(ch)
         await conf._enable()
         return conf
+
+    async def exists(self, kind: str, name: str) -> bool:
+        """Whether exchange or queue (``kind``) ``name`` exists: a passive declare on a throwaway
+        channel (a 404 closes the channel it came on, so never one in use)."""
+        ch = await self.channel()
+        try:
+            await ch.rpc(f"{kind}_declare", **{kind: name}, passive=True)
+            return True
+        except ChannelGone as exc:
+            if exc.reply_code == NOT_FOUND:
+                return False
+            raise
+        finally:
+            await ch.close()
 
     def close(self) -> None:
         """Close; if the broker has not confirmed within ``CLOSE_GRACE_S`` (it stops reading a
@@ -201,8 +216,20 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
             except pika.exceptions.AMQPError:
                 pass
         raise
-    wire.coalesce(raw._transport, loop)  # one send per loop iteration, not one per frame
+    if not wire.coalesce(raw._transport, loop):  # one send per loop iteration, not one per frame
+        _say_uncoalesced(type(raw._transport).__name__)
     return conn
+
+
+_uncoalesced_said = False
+
+
+def _say_uncoalesced(kind: str) -> None:
+    """Once per process (not per connection): TLS transports send each frame on its own."""
+    global _uncoalesced_said
+    if not _uncoalesced_said:
+        _uncoalesced_said = True
+        log.info("frames are sent one by one on %s connections (pool.wire coalesces plaintext ones only)", kind)
 
 
 class Channel:

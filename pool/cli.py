@@ -320,18 +320,9 @@ def _check_shortstr(text: str, what: str) -> None:
 
 async def _check_controller(pub: Any, controller: str) -> None:
     """A publish to a missing exchange closes the channel with 404; say it plainly instead."""
-    from .amqp import ChannelGone
-
-    ch = await pub._conn.channel()
-    try:
-        await ch.rpc("exchange_declare", exchange=f"{pub.prefix}.{controller}", passive=True)
-    except ChannelGone as exc:
-        if exc.reply_code == 404:
-            raise ConfigError(f"controller {controller!r}: exchange {pub.prefix}.{controller} does not exist; "
-                              f"start the pool or run 'ctlpool topology {controller}' first") from None
-        raise
-    finally:
-        await ch.close()
+    if not await pub._conn.exists("exchange", f"{pub.prefix}.{controller}"):
+        raise ConfigError(f"controller {controller!r}: exchange {pub.prefix}.{controller} does not exist; "
+                          f"start the pool or run 'ctlpool topology {controller}' first")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

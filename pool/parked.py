@@ -31,9 +31,9 @@ from typing import Any, Awaitable, Callable
 import pika
 
 from . import codec
-from .amqp import ChannelGone, ConfirmChannel, Connection
+from .amqp import NOT_FOUND, ChannelGone, ConfirmChannel, Connection
 from .errors import ConfigError, PublishError
-from .topology import NOT_FOUND, Names
+from .topology import Names
 
 IDLE_S = 2.0  # stop waiting for the rest of the queue when nothing arrived this long (another reader took some)
 MAX_HELD = 65535  # basic.qos prefetch_count is a 16-bit field: the most one pass can look at
@@ -247,16 +247,9 @@ class ParkingLot:
 
     async def _check_exchange(self) -> None:
         """A publish to a missing exchange closes the channel with 404: say it plainly instead."""
-        ch = await self.conn.channel()
-        try:
-            await ch.rpc("exchange_declare", exchange=self.names.exchange, passive=True)
-        except ChannelGone as exc:
-            if exc.reply_code == NOT_FOUND:
-                raise ConfigError(f"exchange {self.names.exchange} does not exist; start the pool or run "
-                                  f"'ctlpool topology {self.names.controller}' first") from None
-            raise
-        finally:
-            await ch.close()
+        if not await self.conn.exists("exchange", self.names.exchange):
+            raise ConfigError(f"exchange {self.names.exchange} does not exist; start the pool or run "
+                              f"'ctlpool topology {self.names.controller}' first")
 
 
 @dataclass

@@ -33,7 +33,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from .amqp import ChannelGone, Connection, connect, plugin_error_or
+from .amqp import NOT_FOUND, ChannelGone, Connection, connect, plugin_error_or
 from .errors import PluginMissing, TopologyMismatch
 from .retries import tier_name
 from .settings import BrokerSettings, TopologySettings
@@ -43,7 +43,6 @@ from .settings import BrokerSettings, TopologySettings
 # case a message kills workers before they can look at it. Fixed, because queue
 # arguments cannot change once declared.
 BROKER_DELIVERY_LIMIT = 20
-NOT_FOUND = 404
 PRECONDITION_FAILED = 406
 # Digits in partition queue names: p000 up to 1,000 partitions, p0000 up to 10,000, ... A
 # controller declared with a count of another width has none of our names; the survey looks
@@ -121,23 +120,10 @@ def tier_args(names: Names, topo: TopologySettings, tier_s: int) -> dict[str, An
     return args
 
 
-async def _exists(conn: Connection, kind: str, name: str) -> bool:
-    ch = await conn.channel()
-    try:
-        await ch.rpc(f"{kind}_declare", **{kind: name}, passive=True)
-        return True
-    except ChannelGone as exc:
-        if exc.reply_code == NOT_FOUND:
-            return False
-        raise
-    finally:
-        await ch.close()
-
-
 async def _run_length(conn: Connection, name_of: Callable[[int], str], start: int) -> int:
     """How many queues ``name_of(start)``, ``name_of(start + 1)``, ... exist before the first missing one."""
     n = 0
-    while await _exists(conn, "queue", name_of(start + n)):
+    while await conn.exists("queue", name_of(start + n)):
         n += 1
     return n
 
@@ -167,9 +153,9 @@ async def survey(conn: Connection, names: Names, partitions: int) -> Survey:
     in between would look complete with fewer partitions), and the partitions from the last
     down (else one growing in between would look like a gap)."""
     p = partitions
-    exchange = await _exists(conn, "exchange", names.exchange)
-    completed = await _exists(conn, "queue", names.parked)
-    present = [i for i in reversed(range(p)) if await _exists(conn, "queue", names.partition(i, p))]
+    exchange = await conn.exists("exchange", names.exchange)
+    completed = await conn.exists("queue", names.parked)
+    present = [i for i in reversed(range(p)) if await conn.exists("queue", names.partition(i, p))]
     other: tuple[int, int] | None = None
     for width in NAME_WIDTHS if not present else ():
         n = 0 if width == name_width(p) else await _run_length(
@@ -331,7 +317,7 @@ async def declare_clean_marker(ch: Any, name: str) -> None:
 
 async def is_clean(conn: Connection, names: Names, p: int, partitions: int) -> bool:
     """Whether partition ``p`` has been cleared of earlier-ring messages since the broker started."""
-    return await _exists(conn, "exchange", names.clean_marker(p, partitions))
+    return await conn.exists("exchange", names.clean_marker(p, partitions))
 
 
 async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> None:
