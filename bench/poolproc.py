@@ -1,7 +1,7 @@
 """The pool under test: ``ctlpool run`` as a real subprocess, watched from outside.
 
-Data flow: ``PoolProcess.start`` runs ``python -m pool.cli run --controllers
-bench.controllers:<Class> --prefix <unique> ... --log-format json`` in its own session, with
+Data flow: ``PoolProcess.start`` runs (``pool.process.RunProcess``) ``ctlpool run --controllers
+bench.controllers:<Class> --prefix <unique> ... --log-format json`` in its own process group, with
 ``CTLPOOL_AMQP_URL`` and ``BENCH_RECORD_DIR`` in its environment and its log in
 ``<out>/<name>.log``, and returns once the supervisor logs "all N workers ready". While a
 load runs, ``sample`` reads each worker's RSS and CPU time with psutil (the supervisor's
@@ -13,18 +13,15 @@ workers flush their records at exit) and waits; a pool that does not exit is kil
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from pool.process import PoolExited, RunProcess
 
 from .broker import Target
 from .records import Accounting, RecordReader, account
@@ -58,7 +55,7 @@ class PoolProcess:
         self.record_dir = workdir / f"{name}.records"
         self.log_path = workdir / f"{name}.log"
         self.reader = RecordReader(str(self.record_dir))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.run: RunProcess | None = None
         self.max_rss_mb = 0.0
         self.pinned: bool | None = None
         self._workers: list[psutil.Process] = []
@@ -68,43 +65,27 @@ class PoolProcess:
         shutil.rmtree(self.record_dir, ignore_errors=True)  # records of an earlier run in the same --out
         self.record_dir.mkdir(parents=True)
         o, t = self.opts, self.target
-        cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", f"bench.controllers:{o.controller}",
-               "--prefix", t.prefix, "--workers", str(o.workers), "--prefetch", str(o.prefetch),
-               "--concurrency", str(o.concurrency), "--partitions", str(t.partitions),
-               "--queue-type", t.queue_type, "--log-format", "json",
-               # journals and the node-id lock beside the records: a pool already running here is left alone
-               "--state-dir", str(self.record_dir.parent / "pool-state")]
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "CTLPOOL_AMQP_URL": t.url, "BENCH_RECORD_DIR": str(self.record_dir),
-               "BENCH_SLEEP_MS": str(o.sleep_ms), "PYTHONPATH": path}
-        with open(self.log_path, "wb") as log:  # a fresh log: "ready" and re-route counts are per run
-            # its own process group (killpg at clean-up; the terminal's Ctrl-C goes to the bench,
-            # which drains it), but the bench's session: the kernel's autogroup scheduling shares CPU
-            # per session, and the floor's processes are in this one too
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         process_group=0)
-        deadline = time.monotonic() + timeout_s
-        seen = 0
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pool exited with {self.proc.returncode} before ready; see {self.log_path}:\n"
-                                   + self.log_path.read_text()[-2000:])
-            with open(self.log_path, "rb") as fh:
-                fh.seek(seen)
-                text = fh.read()
-            for line in text.splitlines():
-                if b"workers ready" in line:
-                    ready = time.monotonic_ns()
-                    self._workers = psutil.Process(self.proc.pid).children()
-                    self.pinned = all(len(w.cpu_affinity()) == 1 for w in self._workers)
-                    return ready
-            seen += len(text) - len(text.rsplit(b"\n", 1)[-1])
-            time.sleep(0.02)
-        raise RuntimeError(f"pool not ready after {timeout_s:.0f}s; see {self.log_path}")
+        args = ["--controllers", f"bench.controllers:{o.controller}", "--prefix", t.prefix,
+                "--workers", str(o.workers), "--prefetch", str(o.prefetch), "--concurrency", str(o.concurrency),
+                "--partitions", str(t.partitions), "--queue-type", t.queue_type, "--log-format", "json",
+                # journals and the node-id lock beside the records: a pool already running here is left alone
+                "--state-dir", str(self.record_dir.parent / "pool-state")]
+        env = {"CTLPOOL_AMQP_URL": t.url, "BENCH_RECORD_DIR": str(self.record_dir), "BENCH_SLEEP_MS": str(o.sleep_ms)}
+        self.log_path.unlink(missing_ok=True)  # a fresh log: "ready" and re-route counts are per run
+        # its own process group (killpg at clean-up; the terminal's Ctrl-C goes to the bench, which
+        # drains it), but the bench's session (see pool.process)
+        self.run = RunProcess(args, self.log_path, env=env, cwd=ROOT, own_session=False).start()
+        try:
+            ready = self.run.wait_ready(timeout_s)
+        except (PoolExited, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}\n(see {self.log_path})") from None
+        self._workers = psutil.Process(self.run.pid).children()
+        self.pinned = all(len(w.cpu_affinity()) == 1 for w in self._workers)
+        return ready
 
     @property
     def started(self) -> bool:
-        return self.proc is not None
+        return self.run is not None
 
     def begin(self) -> None:
         """A load starts: forget the records of earlier loads."""
@@ -141,15 +122,9 @@ class PoolProcess:
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (drain) and wait; returns the supervisor's exit code (killed: negative)."""
-        if self.proc is None:
+        if self.run is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
+        code = self.run.stop(timeout_s)
         self.reader.poll()  # the records workers flushed on their way out
         return code
 

@@ -11,11 +11,8 @@ converged, stop the pool, return 1. Ctrl-C or SIGTERM: stop the pool cleanly (ag
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from pool import BlockingPublisher, ConfigError, CtlpoolError
+from pool.process import PoolExited, RunProcess
 from pool.settings import OPTIONS, PoolSettings, redact_url
 
 from .deployments import ENV_FAIL_RATE, DeploymentEvent
@@ -37,7 +35,6 @@ PLAIN_REFRESH_S = 2.0  # without a terminal, a plain progress line this often at
 STOP_GRACE_S = 15.0  # beyond the pool's own drain timeout, before we kill it
 # Options the demo sets itself; every other setting is passed on as a flag.
 OWN_OPTIONS = frozenset({"controllers", "amqp-url", "amqp-url-file", "prefix", "log-format"})
-READY_LINE = re.compile(r"all \d+ workers ready")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, like the pool
 
 
@@ -102,7 +99,7 @@ def _run(args: Any, settings: PoolSettings, store: Store, pool: "PoolProcess") -
     print(f"store {redact_url(store.url)}; starting {settings.workers} workers on prefix {settings.broker.prefix!r}…",
           file=sys.stderr)
     started = time.monotonic()
-    if not pool.start().wait_ready(deadline):
+    if not pool.ready_by(deadline):
         return False
     print(f"pool ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
@@ -217,9 +214,9 @@ class ProgressLine:
 
 
 class PoolLog:
-    """Tails the pool's text log: readiness, retries by cause, parked events.
+    """Tails the pool's text log: retries by cause, parked events.
 
-    It matches the pool's own wording ("all N workers ready", "reconcile failed … ProviderError",
+    It matches the pool's own wording ("reconcile failed … ProviderError",
     "parking event"), so a change of those log messages shows up here as zero counts.
     """
 
@@ -227,7 +224,6 @@ class PoolLog:
         self.path = path
         self._offset = 0
         self._partial = b""
-        self.ready = False
         self.provider_failures = 0
         self.conflicts = 0
         self.parked = 0
@@ -243,75 +239,33 @@ class PoolLog:
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         for raw in lines:
             line = raw.decode(errors="replace")
-            if READY_LINE.search(line):
-                self.ready = True
-            elif "reconcile failed" in line:
+            if "reconcile failed" in line:
                 self.provider_failures += "ProviderError" in line
                 self.conflicts += "Conflict" in line
             elif "parking event" in line:
                 self.parked += 1
 
 
-class PoolProcess:
-    """``ctlpool run`` with the example controllers, in its own process group, logging to a file."""
+class PoolProcess(RunProcess):
+    """``ctlpool run`` with the example controllers (``pool.process``), its log tailed for the counts."""
 
     def __init__(self, settings: PoolSettings, log_path: Path, *, env: dict[str, str]) -> None:
-        self.cmd = pool_command(settings)
-        root = str(Path(__file__).resolve().parent.parent)  # so the workers import these controllers
-        self.env = {**os.environ, **env, "CTLPOOL_AMQP_URL": settings.broker.amqp_url,
-                    "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.log_path = log_path
+        super().__init__(pool_args(settings), log_path, env={**env, "CTLPOOL_AMQP_URL": settings.broker.amqp_url})
         self.log = PoolLog(log_path)
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "PoolProcess":
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_ready(self, deadline: float) -> bool:
-        assert self.proc is not None
-        while not self.log.ready:
-            if self.proc.poll() is not None:
-                print(f"the pool exited with {self.proc.returncode} before it was ready:\n{self.tail()}",
-                      file=sys.stderr)
-                return False
-            if time.monotonic() > deadline:
-                print(f"timed out waiting for the pool to be ready:\n{self.tail()}", file=sys.stderr)
-                return False
-            time.sleep(0.1)
-            self.log.poll()
-        return True
-
-    def tail(self, lines: int = 15) -> str:
+    def ready_by(self, deadline: float) -> bool:
+        """Start it and wait until it is ready or ``deadline`` (monotonic) passes; False says why on stderr."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout_s: float) -> int:
-        """SIGTERM (the pool drains) and wait; killed when it takes longer than ``timeout_s``."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.start().wait_ready(max(deadline - time.monotonic(), 0.0))
+            return True
+        except (PoolExited, TimeoutError) as exc:
+            print(exc, file=sys.stderr)
+            return False
 
 
-def pool_command(settings: PoolSettings) -> list[str]:
-    """The ``ctlpool run`` command line honouring ``settings`` (never the broker URL: it has a password)."""
-    cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", CONTROLLERS,
-           "--prefix", settings.broker.prefix, "--log-format", "text"]
+def pool_args(settings: PoolSettings) -> list[str]:
+    """``ctlpool run`` flags honouring ``settings`` (never the broker URL: it has a password)."""
+    cmd = ["--controllers", CONTROLLERS, "--prefix", settings.broker.prefix, "--log-format", "text"]
     for opt in OPTIONS:
         if opt.name in OWN_OPTIONS:
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from typing import Any
 
 import pika
 import pika.exceptions
+
+from pool.process import PoolExited, RunProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,65 +103,55 @@ def get_all(url: str, queue: str) -> list[tuple[Any, Any, bytes]]:
 
 
 class Pool:
-    """``ctlpool run`` as a real subprocess (its own process group)."""
+    """``ctlpool run`` as a real subprocess (``pool.process.RunProcess``: its own process group)."""
 
     def __init__(self, url: str, prefix: str, controllers: str, *args: str, env: dict[str, str] | None = None,
                  log_path: Path | None = None) -> None:
         # its own state dir (journals, node-id lock): pools of other tests or runs on this host never meet
         state = tempfile.mkdtemp(prefix="ctlpool-state-", dir=log_path.parent if log_path else None)
-        self.cmd = [sys.executable, "-m", "pool.cli", "run", "--controllers", controllers, "--prefix", prefix,
-                    "--log-format", "json", "--state-dir", state, *args]
-        self.env = {**os.environ, "CTLPOOL_AMQP_URL": url, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = log_path if log_path is not None else Path(state) / "pool.log"
+        self.run = RunProcess(["--controllers", controllers, "--prefix", prefix, "--log-format", "json",
+                               "--state-dir", state, *args], self.log_path,
+                              env={"CTLPOOL_AMQP_URL": url, **(env or {})}, cwd=ROOT)
+
+    @property
+    def cmd(self) -> list[str]:
+        return self.run.cmd
+
+    @cmd.setter
+    def cmd(self, cmd: list[str]) -> None:  # to run it under a wrapper
+        self.run.cmd = cmd
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.run.proc
 
     def start(self) -> "Pool":
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+        self.run.start()
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Until the supervisor logs that all workers are consuming."""
-        assert self.log_path is not None, "wait_ready needs log_path"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"pool exited early with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            for line in self.log_path.read_text().splitlines():
-                if '"all ' in line and "workers ready" in line:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"pool not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        """Until the supervisor started last logs that all workers are consuming."""
+        try:
+            self.run.wait_ready(timeout)
+        except (PoolExited, TimeoutError) as exc:
+            raise AssertionError(str(exc)) from None
 
     def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        out = subprocess.run(["pgrep", "-P", str(self.run.pid)], capture_output=True, text=True).stdout
         return [int(x) for x in out.split()]
 
     def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+        self.run.signal(sig)
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (drain) and wait; returns the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise
+        """SIGTERM (drain) and wait; returns the exit code (negative when it had to be killed)."""
+        return self.run.stop(timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        self.run.kill()
 
     def logs(self) -> list[dict[str, Any]]:
-        assert self.log_path is not None
         return read_json_log(self.log_path)
 
 

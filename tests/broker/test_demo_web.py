@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from controllers import deployments as web
-from controllers.demo import pool_command, run_demo
+from controllers.demo import pool_args, run_demo
 from controllers.deployments import DeploymentEvent, Deployments, InstanceEvent, Instances, ProviderError
 from controllers.store import AVAILABLE, PENDING, READY, TERMINATING, Conflict, Deployment, Instance, Store
 from pool import Result
@@ -155,11 +155,11 @@ def test_a_stale_provision_cannot_overwrite_a_newer_spec(web_store):
     assert (inst.state, inst.image, inst.running) == (PENDING, "img:2", None)
 
 
-def test_the_pool_command_honours_settings_and_hides_the_password():
+def test_the_pool_flags_honour_settings_and_hide_the_password():
     settings = PoolSettings(workers=2, broker=BrokerSettings(amqp_url="amqp://u:secret@h:5672/%2F", prefix="p1"),
                             topology=TopologySettings(partitions=8, queue_type="classic", tiers_s=(1, 4)))
-    cmd = pool_command(settings)
-    flags = dict(zip(cmd[4::2], cmd[5::2]))
+    cmd = pool_args(settings)
+    flags = dict(zip(cmd[0::2], cmd[1::2]))
     assert flags["--partitions"] == "8" and flags["--workers"] == "2" and flags["--queue-type"] == "classic"
     assert flags["--tiers-s"] == "1,4" and flags["--prefix"] == "p1" and flags["--log-format"] == "text"
     assert not any("secret" in part for part in cmd)
