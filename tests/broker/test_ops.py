@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import inspect
 import os
 import signal
 import socket
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from pool.worker import Worker
 from tests.ctl_fixtures import read_records
 from tests.helpers import ROOT, Pool, ctlpool_cli, publish_many, queue_depth, wait_until
 
@@ -238,10 +236,6 @@ def test_a_taken_metrics_port_is_a_config_error(amqp_url, prefix, tmp_path, rec_
     assert f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}" in (tmp_path / "pool.log").read_text()
 
 
-WIRED = "metrics" in inspect.signature(Worker).parameters
-
-
-@pytest.mark.skipif(not WIRED, reason="Worker does not take metrics= yet (issue 5 wiring in pool/worker.py)")
 @pytest.mark.timeout(150)
 def test_metrics_match_what_the_pool_did(amqp_url, prefix, tmp_path, rec_dir):
     # Given a pool serving metrics, its controller parking after one failure
