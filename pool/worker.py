@@ -580,11 +580,13 @@ class Worker:
             self._park_raw(ch, part, method, props, body, codec.PARK_BAD_HEADERS,
                            f"headers could not be decoded: {headers[codec.H_BAD_FRAME]}")
             return None
-        redeliveries = self._redeliveries(headers, method, body)
-        if redeliveries >= self._max_deliveries:
-            self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
-                           f"its worker died inside its reconcile {redeliveries} times")
-            return None
+        redeliveries = 0
+        if self._blamed or (headers is not None and codec.H_REDELIVERIES in headers):  # rare: skip the call
+            redeliveries = self._redeliveries(headers, method, body)
+            if redeliveries >= self._max_deliveries:
+                self._park_raw(ch, part, method, props, body, codec.PARK_DELIVERIES,
+                               f"its worker died inside its reconcile {redeliveries} times")
+                return None
         if part.guarding and (part.guard_left or method.redelivered):
             # backlog from before we held the partition, or returned by a consumer that died
             # (maybe mid-guard): it may have been routed by an earlier ring, so route it again
