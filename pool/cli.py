@@ -31,7 +31,7 @@ from .codec import MAX_SHORTSTR
 from .errors import BrokerUnavailable, ConfigError, CtlpoolError, PluginMissing, PublishError, TopologyMismatch
 from .notify import Notifier
 from .settings import OPTIONS, PoolSettings, load_toml, resolve, seconds
-from .supervisor import EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_UNAVAILABLE
+from .exits import EXIT_CONFIG, EXIT_TOPOLOGY, EXIT_UNAVAILABLE
 from .text import escape, json_safe
 
 log = logging.getLogger("ctlpool.cli")

@@ -9,7 +9,7 @@ that holds the lock.
 
 The descriptor is inherited by the forked workers and a ``flock`` lives as long as any
 descriptor of it is open, so workers still draining after their supervisor died (they get
-SIGTERM from the kernel, see ``supervisor.worker_main``) keep the node id until they exit:
+SIGTERM from the kernel, see ``child.worker_main``) keep the node id until they exit:
 a new supervisor cannot start next to them. The kernel drops the lock when the last one
 exits, however it dies; a stale file is harmless.
 """

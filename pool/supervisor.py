@@ -1,6 +1,6 @@
 """The supervisor process: fork workers (CPU-pinned where that helps), keep them alive, drain on signals.
 
-Data flow: ``Supervisor.run`` forks one process per worker slot (``worker_main``), each
+Data flow: ``Supervisor.run`` forks one process per worker slot (``pool.child.worker_main``), each
 pinned to a usable CPU unless the broker runs on this host (``pool.pinning``), and then
 waits on the workers' sentinels, their status pipes and a self-pipe woken by signals:
 
@@ -36,35 +36,27 @@ service killed by systemd, since restarting fixes neither.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import journal, nodelock
+from .child import worker_main
 from .errors import ConfigError
-from .messages import Metrics, WorkerState, decode, encode_state
-from .metrics import Aggregate, MetricsReporter, MetricsServer, WorkerMetrics
-from .notify import Notifier, forget_env
+from .exits import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_INTERRUPTED, EXIT_OK
+from .messages import Metrics, WorkerState, decode
+from .metrics import Aggregate, MetricsServer
+from .notify import Notifier
 from .pinning import decide, local_facts
 from .settings import PoolSettings
 
 log = logging.getLogger("ctlpool.supervisor")
-
-EXIT_OK = 0  # drained cleanly
-EXIT_CONFIG = 2  # bad flag, env var or config file (argparse's code)
-EXIT_CRASH_LOOP = 3  # a worker slot kept dying; systemd's Restart=on-failure takes over
-EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: broker unreachable or plugin missing
-EXIT_TOPOLOGY = 78  # sysexits EX_CONFIG: broker topology disagrees with the settings
-EXIT_INTERRUPTED = 130  # second SIGINT/SIGTERM: stopped without draining (128 + SIGINT)
 
 CRASH_LOOP_DEATHS = 5  # this many deaths of one slot...
 CRASH_LOOP_WINDOW_S = 60.0  # ...within this window mean it won't get better by restarting
@@ -74,7 +66,6 @@ KILL_GRACE_S = 5.0  # after the drain timeout, how long we wait before SIGKILL
 LOOP_TICK_S = 1.0  # the loop wakes at least this often (restarts, drain deadline, status)
 WORKER_SILENT_S = 10.0  # a worker not heard from (state or metrics, ~1/s) this long is hung: starve the watchdog
 LIVEZ_STALE_S = 10.0  # /livez fails when the supervisor loop has not turned for this long
-PR_SET_PDEATHSIG = 1  # prctl(2) option, <linux/prctl.h>: signal this process when its parent dies
 
 
 def usable_cpus() -> list[int]:
@@ -91,81 +82,6 @@ def preload_worker_code() -> None:
     import uvloop  # noqa: F401
 
     from . import worker, workqueue  # noqa: F401
-
-
-def die_with_parent(sig: int) -> None:
-    """Have the kernel send ``sig`` to this process when the thread that forked it exits (Linux).
-
-    The supervisor forks from its main thread, so that is when the supervisor exits, however
-    it dies. Elsewhere, or if prctl fails, an orphaned worker runs on until something stops it.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): this worker may outlive its supervisor",
-                    os.strerror(ctypes.get_errno()))
-
-
-def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any, supervisor_pid: int) -> None:
-    """Entry point of a worker process (after fork); ``supervisor_pid`` is the pid that forked it."""
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() != supervisor_pid:
-        return  # the supervisor died before prctl took effect: no SIGTERM will come; nothing to drain yet
-
-    import uvloop
-
-    from .controller import load_controller
-    from .logs import configure
-    from .worker import Worker
-
-    forget_env()  # only the supervisor speaks to systemd (NotifyAccess=main)
-    configure(settings.log_format, settings.log_level)
-    if cpu is not None:
-        import psutil
-
-        try:
-            psutil.Process().cpu_affinity([cpu])
-        except (OSError, psutil.Error) as exc:  # a sandbox that forbids sched_setaffinity
-            logging.getLogger("ctlpool.worker").warning("could not pin to CPU %d (%s); running unpinned", cpu, exc,
-                                                        extra={"worker": index})
-
-    def send(message: bytes) -> None:
-        try:
-            status.send_bytes(message)
-        except OSError:
-            pass  # the supervisor is gone; SIGTERM or the orphan's own exit follows
-
-    def report(state: WorkerState) -> None:
-        send(encode_state(state))
-
-    metrics = WorkerMetrics()
-    try:
-        controllers = [load_controller(r) for r in settings.controllers]
-    except ConfigError as exc:  # `run` checked them before forking; a Supervisor used from code may not have
-        logging.getLogger("ctlpool.worker").error("%s", exc, extra={"worker": index})
-        sys.exit(EXIT_CONFIG)  # the supervisor stops: restarting can't fix a configuration
-    worker = Worker(settings=settings, controllers=controllers, index=index, on_state=report, metrics=metrics)
-
-    reporter = MetricsReporter(metrics, send, worker=index)
-
-    async def main() -> None:
-        # SIGTERM always means "drain" here, however often it comes (a group-wide kill and
-        # the supervisor's forward may both arrive); the supervisor escalates with SIGKILL.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.request_stop)
-        reporting = asyncio.ensure_future(reporter.run())
-        try:
-            await worker.run()
-        finally:
-            reporting.cancel()
-        reporter.send_now()  # the final counts, so totals survive this process
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pool.cli import main
-from pool.supervisor import EXIT_CONFIG
+from pool.exits import EXIT_CONFIG
 from pool.text import escape
 from tests.helpers import ROOT
 

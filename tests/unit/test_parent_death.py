@@ -13,14 +13,14 @@ import psutil
 import pytest
 
 from pool.settings import BrokerSettings, PoolSettings
-from pool.supervisor import worker_main
+from pool.child import worker_main
 from tests.helpers import ROOT
 
 # A parent that forks a child armed with die_with_parent(SIGTERM), prints the child's pid once
 # the child is armed, then sleeps until killed.
 PARENT = """
 import os, signal, sys, time
-from pool.supervisor import die_with_parent
+from pool.child import die_with_parent
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
