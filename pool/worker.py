@@ -748,20 +748,23 @@ class Worker:
 
     def _park_raw(self, ch: Channel, part: Partition, method: Any, props: Any, body: bytes,
                   reason: str, error: str) -> asyncio.Future[None]:
-        headers = codec.clean_headers(props.headers)
-        headers.update(self._park_headers(part, method.routing_key, reason, error))
-        self._count_park(part.ctl.name, reason)
-        log.warning("parking event: %s: %s", reason, error[:200],
-                    extra={"worker": self.index, "controller": part.ctl.name, "key": method.routing_key})
+        """Park a delivery that never reached a reconcile (see ``_parked_copy``)."""
+        headers = self._parked_copy(part, method.routing_key, props.headers, reason, error)
         return self._forward(part, ch, method, props, body, "", headers, routing_key=part.ctl.names.parked)
 
-    def _park_headers(self, part: Partition, key: str, reason: str, error: str) -> dict[str, Any]:
-        return {codec.H_KEY: key, codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
-                codec.H_PARKED_FROM: part.queue, codec.H_PARKED_MS: int(self.wall() * 1000)}
-
-    def _count_park(self, controller: str, reason: str) -> None:
+    def _parked_copy(self, part: Partition, key: str, headers: dict[str, Any] | None, reason: str,
+                     error: str) -> dict[str, Any]:
+        """The one parking path: count it, log it, and the headers of the copy that goes to
+        ``ctl.C.parked`` via the default exchange (the routing key is the queue's name, so the
+        item key travels in a header). The caller publishes it and acks on confirm."""
         self.stats.parked[reason] = self.stats.parked.get(reason, 0) + 1
-        self.metrics.parked(controller, reason)
+        self.metrics.parked(part.ctl.name, reason)
+        log.warning("parking event: %s: %s", reason, error[:300],
+                    extra={"worker": self.index, "controller": part.ctl.name, "key": key})
+        out = codec.clean_headers(headers)
+        out.update({codec.H_KEY: key, codec.H_REASON: reason, codec.H_ERROR: codec.truncate_error(error),
+                    codec.H_PARKED_FROM: part.queue, codec.H_PARKED_MS: int(self.wall() * 1000)})
+        return out
 
     def _timed(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
         """Observe how long the broker takes to confirm this publish."""
@@ -982,13 +985,9 @@ class Worker:
         return "error"
 
     async def _settle_park(self, ctl: _Ctl, items: list[Delivery], reason: str, error: str) -> None:
+        """Park the latest event of a reconcile and ack every delivery it covered."""
         last = items[-1]
-        headers = codec.clean_headers(last.headers)
-        headers.update(self._park_headers(last.part, last.key, reason, error))
-        self._count_park(ctl.name, reason)
-        log.warning("parking event: %s: %s", reason, error[:300],
-                    extra={"worker": self.index, "controller": ctl.name, "key": last.key})
-        # via the default exchange, so the routing key is the queue's name; the item key is a header
+        headers = self._parked_copy(last.part, last.key, last.headers, reason, error)
         await self._publish_then_ack(items, "", ctl.names.parked, last.body, headers, last.content_type)
 
     # ---------------------------------------------------------------- ctx.publish
