@@ -25,7 +25,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from . import frames, wire
 from .codec import CONTENT_TYPE, H_SEQ
 from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, PublishError, Unroutable
-from .settings import redact_url
+from .settings import redact_url, split_urls
 
 log = logging.getLogger("ctlpool.amqp")
 
@@ -171,9 +171,21 @@ def use_tls(ca_file: str | None = None, cert_file: str | None = None, key_file: 
     _tls_context = ctx
 
 
+_list_said = False
+
+
 def url_parameters(url: str) -> pika.URLParameters:
-    """pika parameters for ``url``; ``amqps://`` verifies the broker's certificate and host name."""
-    params = pika.URLParameters(url)
+    """pika parameters for ``url``; ``amqps://`` verifies the broker's certificate and host name.
+
+    Of a list of node URLs (``settings.split_urls``) only the first is used so far: moving
+    between the nodes of a cluster is not built yet, and saying so beats a vhost named ``/,amqp``."""
+    global _list_said
+    nodes = split_urls(url)
+    if len(nodes) > 1 and not _list_said:
+        _list_said = True
+        log.warning("%d broker URLs given; only the first (%s) is used: failing over between nodes is not "
+                    "supported yet", len(nodes), redact_url(nodes[0]))
+    params = pika.URLParameters(nodes[0].strip())
     if params.ssl_options is not None:
         # pika's own default context has no server_hostname, so host-name checking cannot work
         params.ssl_options = pika.SSLOptions(_tls_context or ssl.create_default_context(), server_hostname=params.host)

@@ -87,10 +87,11 @@ def in_use_message(node_id: str, holder: int | None, path: str) -> str:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        text = os.pread(fd, 32, 0).decode("ascii", "replace")
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    first = text.split("\n", 1)[0].strip()  # the pid's line (a shorter pid may overwrite a longer one)
+    return int(first) if first.isdigit() else None
 
 
 def _holders(path: str) -> list[int]:

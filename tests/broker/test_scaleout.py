@@ -22,7 +22,7 @@ from pool.settings import BrokerSettings, TopologySettings
 from pool.status import collect
 from tests.ctl_fixtures import overlaps, read_records
 from tests.helpers import Pool, publish_many, queue_depth, read_json_log, wait_until
-from tests.load import Load, assert_latest_reconciled, backlog
+from tests.load import Load, assert_none_lost, backlog
 
 P = 16
 HEARTBEAT = "0.5"
@@ -97,7 +97,7 @@ class Cluster:
             self.stop(node)
         records = read_records(str(self.rec))
         assert overlaps(records) == [], "two reconciles of one key overlapped"
-        assert_latest_reconciled(records, load.per_key)
+        assert_none_lost(records, load.per_key)
         assert backlog(self.url, self.prefix, partitions=self.partitions) == 0, "nothing left unacked after the drain"
         assert queue_depth(self.url, f"{self.prefix}.rec.parked") == 0
         return records

@@ -48,6 +48,7 @@ def test_a_lock_held_by_the_workers_of_a_dead_supervisor_says_so(tmp_path: Path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     lock = nodelock.acquire(str(tmp_path), "web-1")
+    os.ftruncate(lock.fd, 0)
     os.pwrite(lock.fd, f"{dead}\n".encode(), 0)
     try:
         # When another supervisor tries

@@ -113,3 +113,13 @@ def test_a_transport_it_does_not_know_is_left_alone() -> None:
         assert "write" not in vars(other)
     finally:
         loop.close()
+
+
+def test_of_a_list_of_node_urls_the_first_is_used():
+    # Given a cluster list (failing over between nodes is not built yet)
+    from pool.amqp import url_parameters
+
+    # When connection parameters are made from it
+    params = url_parameters("amqp://u:secret@h1:5672/vh, amqp://u:secret2@h2:5673/vh")
+    # Then they are the first node's, not a mangled mix (a vhost named '/,amqp' before)
+    assert (params.host, params.port, params.virtual_host) == ("h1", 5672, "vh")
