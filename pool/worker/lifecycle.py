@@ -1,0 +1,223 @@
+"""One worker process's life: sessions with the broker, one after another, until it drains.
+
+Data flow: ``run`` opens the slot's journal (blaming what the previous process died holding),
+then loops: open a ``Session``; listen ``SETTLE_INTERVALS`` heartbeat intervals for peers;
+let ``Ownership`` acquire this member's partitions; report READY; serve until ``request_stop``
+(drain: hand every partition over) or until the session is lost (connection, channel, lease),
+then tear it down (cancel in-flight reconciles, whose deliveries go back to the broker with
+the connection) and reconnect after ``Backoff``'s delay. A membership tick every heartbeat
+interval announces us, expires reconciles past their timeout and rebalances.
+
+Deliveries flow one way through the rooms built here:
+``Ownership`` (a partition's channel) -> ``Intake`` -> ``Dispatch`` -> ``Settler`` (acks, republishes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from typing import Callable
+
+from .. import journal
+from ..amqp import ChannelGone, Connection
+from ..controller import Controller
+from ..errors import BrokerError
+from ..messages import WorkerState
+from ..metrics import WorkerMetrics
+from ..settings import PoolSettings, redact_url
+from .dispatch import Dispatch
+from .guard import Guard
+from .intake import Intake
+from .ownership import Ownership
+from .parts import Ctl, WorkerStats
+from .session import Backoff, Session
+from .settle import Settler
+
+log = logging.getLogger("ctlpool.worker")
+
+SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking partitions
+
+
+class Worker:
+    """See the module docstring. ``run()`` returns when drained (or on ``request_stop``)."""
+
+    def __init__(self, *, settings: PoolSettings, controllers: list[Controller], index: int = 0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random, on_state: Callable[[WorkerState], None] | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.member_id = f"{settings.node_id}/{index}"
+        self.clock = clock
+        self.wall = wall
+        self.rand = rand
+        self.on_state = on_state or (lambda state: None)
+        self.ctls = [Ctl(i, c, settings.broker.prefix) for i, c in enumerate(controllers)]
+        self.stats = WorkerStats()
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.metrics.sampler = self._sample_metrics
+        self._stop = asyncio.Event()
+        self._started = wall()
+        self._session: Session | None = None
+        self._conns: list[Connection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._dispatch: Dispatch | None = None
+        self._ownership: Ownership | None = None
+        self._served = False  # the current session got as far as consuming
+
+    def _build(self, loop: asyncio.AbstractEventLoop) -> tuple[Settler, Intake, Dispatch, Ownership]:
+        """The rooms, wired so deliveries flow one way (see the module docstring)."""
+        s, w = self.settings, self.index
+        settler = Settler(loop=loop, stats=self.stats, metrics=self.metrics, tiers=s.topology.tiers_s,
+                          clock=self.clock, wall=self.wall, worker=w)
+        dispatch = Dispatch(loop=loop, ctls=self.ctls, settler=settler, stats=self.stats, metrics=self.metrics,
+                            concurrency=s.worker.concurrency, timeout_s=s.worker.reconcile_timeout_s,
+                            prefix=s.broker.prefix, clock=self.clock, rand=self.rand, worker=w)
+        guard = Guard(settler=settler, stats=self.stats, metrics=self.metrics, partitions=s.topology.partitions,
+                      clock=self.clock, worker=w)
+        intake = Intake(settler=settler, guard=guard, stats=self.stats, dispatch=dispatch.add,
+                        max_deliveries=s.topology.max_deliveries, clock=self.clock, worker=w)
+        ownership = Ownership(settings=s, ctls=self.ctls, member_id=self.member_id, worker=w, started=self._started,
+                              intake=intake, guard=guard, dispatch=dispatch, settler=settler, stats=self.stats,
+                              metrics=self.metrics, clock=self.clock)
+        return settler, intake, dispatch, ownership
+
+    def request_stop(self) -> None:
+        """Drain: stop dispatching, finish in-flight reconciles, release, exit ``run``."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        settler, intake, dispatch, ownership = self._build(loop)
+        self._dispatch, self._ownership = dispatch, ownership
+        dispatch.journal = self._open_journal(intake)
+        for c in self.ctls:
+            c.controller.setup()
+        backoff = Backoff(self.settings.broker.reconnect_max_s, self.rand)
+        while not self._stop.is_set():
+            self._served = False
+            try:
+                await self._serve(settler, dispatch, ownership, intake)
+            except (BrokerError, ChannelGone, OSError) as exc:
+                log.warning("broker session failed: %s", exc, extra={"worker": self.index})
+            finally:
+                await self._teardown(settler, dispatch, ownership)
+            if self._stop.is_set():
+                break
+            delay = backoff.after(self._served)
+            log.info("reconnecting in %.1fs to %s", delay, redact_url(self.settings.broker.amqp_url),
+                     extra={"worker": self.index})
+            self.on_state(WorkerState.RECONNECTING)
+            await self._sleep(delay)
+        dispatch.close()
+        if dispatch.journal is not None:
+            dispatch.journal.close()
+        self.on_state(WorkerState.STOPPED)
+
+    def _open_journal(self, intake: Intake) -> journal.Journal | None:
+        """Take the blame the slot's previous process left (``pool.journal``) and start a fresh journal."""
+        path = journal.path_for(self.settings.state_dir, self.settings.node_id, self.index)
+        try:
+            jrnl, leftover = journal.Journal.take_leftover(path, self.settings.worker.concurrency)
+        except OSError as exc:
+            log.error("cannot keep the in-flight journal %s (%s); a worker-killing event will only be parked "
+                      "by the broker's delivery limit; check --state-dir", path, exc, extra={"worker": self.index})
+            return None
+        if leftover:
+            log.warning("the previous worker %d died inside %d reconcile(s); each of those events counts one "
+                        "more delivery toward --max-deliveries when it comes back", self.index, len(leftover),
+                        extra={"worker": self.index})
+            intake.blame(leftover)
+        return jrnl
+
+    async def _serve(self, settler: Settler, dispatch: Dispatch, ownership: Ownership, intake: Intake) -> None:
+        """One session: connect, join, acquire, serve until stop (drain) or loss (raises)."""
+        session = await Session.open(self.settings.broker, self.member_id, on_heartbeat=ownership.on_heartbeat,
+                                     on_lease_lost=self._fence, clock=self.clock, opened=self._conns)
+        self._session = session
+        settler.pub = session.pub
+        dispatch.conn, dispatch.lease, dispatch.running = session.consume, session.lease, True
+        ownership.bind(session)
+        ownership.heartbeat()
+        ticker = asyncio.ensure_future(self._tick(ownership, dispatch, intake))
+        try:
+            # Listen before taking anything: peers already running announce themselves within an
+            # interval, so a newcomer doesn't grab the whole controller and hand most of it back.
+            await self._sleep(SETTLE_INTERVALS * self.settings.worker.heartbeat_interval_s)
+            if not self._stop.is_set():
+                ownership.joined = True
+                ownership.rebalance()
+                await ownership.settled(self._stop)
+                if session.lost.done():
+                    raise session.lost.result()
+                log.info("member %s consuming %d partitions (%d members)", self.member_id, ownership.active_count(),
+                         len(ownership.members.live()), extra={"worker": self.index})
+                self.on_state(WorkerState.READY)
+                self._served = True  # the next outage starts its backoff afresh
+            await session.until_lost(self._stop)
+        finally:
+            ticker.cancel()
+        self.on_state(WorkerState.DRAINING)
+        await ownership.drain()
+
+    async def _tick(self, ownership: Ownership, dispatch: Dispatch, intake: Intake) -> None:
+        interval = self.settings.worker.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            ownership.heartbeat()
+            dispatch.expire()
+            intake.forget_blame()
+            ownership.tick()
+
+    def _fence(self, why: str) -> None:
+        """The lease ran out (pool.fence): cancel everything in flight and rejoin, like a connection loss."""
+        session = self._session
+        if session is None or self._loop is None:
+            return
+        if threading.get_ident() != self._loop_thread:  # a plain-def reconcile's ctx.check() noticed
+            self._loop.call_soon_threadsafe(self._fence, why)
+            return
+        if session.lost.done():
+            return
+        in_flight = self._dispatch.in_flight if self._dispatch is not None else 0
+        log.warning("fencing: %s; cancelling %d in-flight reconciles and rejoining", why, in_flight,
+                    extra={"worker": self.index})
+        self.metrics.fenced()
+        session.lose(f"fenced: {why}")
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early on stop."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _teardown(self, settler: Settler, dispatch: Dispatch, ownership: Ownership) -> None:
+        """Cancel in-flight reconciles (their deliveries return with the connection), close everything."""
+        ownership.abandon()
+        cancelled = dispatch.cancel_all()
+        for conn in self._conns:
+            conn.close()
+        if cancelled:
+            await asyncio.gather(*cancelled, return_exceptions=True)
+        self._conns.clear()
+        self._session = None
+        settler.pub = None
+        dispatch.conn = None
+        await asyncio.sleep(0)
+
+    def _sample_metrics(self, m: WorkerMetrics) -> None:
+        """Gauges, read when a metrics snapshot is taken: keys waiting and partitions held, per controller."""
+        depth = self._dispatch.waiting_keys() if self._dispatch is not None else [0] * len(self.ctls)
+        owned = [0] * len(self.ctls)
+        for part in self._ownership.parts.values() if self._ownership is not None else ():
+            if part.active:
+                owned[part.ctl.index] += 1
+        for c in self.ctls:
+            m.depth(c.name, depth[c.index])
+            m.owned(c.name, owned[c.index])

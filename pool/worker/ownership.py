@@ -1,0 +1,258 @@
+"""Ownership: which partitions this worker holds, taking them and handing them over.
+
+Data flow: member heartbeats (``on_heartbeat``) feed the ``MemberTable``; ``rebalance`` asks
+``assignment.owned_by`` (pure) which partitions this member should own and, in the
+background, ``acquire``s the missing ones and ``release``s the rest. Acquiring opens a
+channel and consumes (single-active-consumer on quorum queues, ``exclusive`` on classic
+ones: the broker is the lock); the ``Guard`` measures the ring-drift window first when the
+partition isn't known clean. Release and drain never cancel a consumer with work in flight
+(DESIGN fact 2): stop dispatching, wait for in-flight reconciles to finish and ack, re-route
+the prefetched rest, then close the channel. A partition channel the broker closes while the
+connection is fine ends the whole session (``Session.lose``): the well-trodden reconnect path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Callable
+
+from .. import membership
+from ..acks import AckBatch
+from ..amqp import NOT_FOUND, Channel, ChannelGone
+from ..assignment import Member, owned_by
+from ..membership import MemberTable
+from ..metrics import WorkerMetrics
+from ..settings import PoolSettings
+from ..topology import is_clean, members_exchange
+from .dispatch import Dispatch
+from .guard import Guard
+from .intake import Intake
+from .parts import Ctl, Partition, WorkerStats
+from .session import Session
+from .settle import Settler
+
+log = logging.getLogger("ctlpool.worker")
+
+ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
+MISSING_LOG_S = 30.0  # a missing partition queue is retried every heartbeat, logged this often
+DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
+
+
+class Ownership:
+    def __init__(self, *, settings: PoolSettings, ctls: list[Ctl], member_id: str, worker: int, started: float,
+                 intake: Intake, guard: Guard, dispatch: Dispatch, settler: Settler, stats: WorkerStats,
+                 metrics: WorkerMetrics, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._ctls = ctls
+        self.member_id = member_id
+        self._worker = worker
+        self._started = started
+        self._intake = intake
+        self._guard = guard
+        self._dispatch = dispatch
+        self._settler = settler
+        self._stats = stats
+        self._metrics = metrics
+        self._clock = clock
+        self._partitions = settings.topology.partitions
+        self._exclusive = settings.topology.queue_type != "quorum"
+        self.parts: dict[tuple[int, int], Partition] = {}
+        self.members = MemberTable(settings.worker.member_timeout_s, clock)
+        self.session: Session | None = None
+        self.joined = False  # listened for peers; may take partitions
+        self._acquiring: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._missing_logged: dict[str, float] = {}  # partition queue -> when we last said it is missing
+        self._duplicate_logged = -1e9
+
+    def bind(self, session: Session | None) -> None:
+        """A new session starts with an empty member table; ``None``: it ended."""
+        self.session = session
+        self.joined = False
+        if session is not None:
+            self.members = MemberTable(self._settings.worker.member_timeout_s, self._clock)
+
+    def active_count(self) -> int:
+        return sum(1 for p in self.parts.values() if p.active)
+
+    # ---------------------------------------------------------------- membership
+
+    def on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        hb = membership.decode(body)
+        if hb is None:
+            return
+        if hb.id == self.member_id and hb.pid != os.getpid():
+            now = self._clock()
+            if now - self._duplicate_logged >= DUPLICATE_LOG_S:
+                self._duplicate_logged = now
+                log.error("another process (pid %d on %s) announces member id %s too; --node-id must be unique "
+                          "per host, or the two share partitions unpredictably", hb.pid, hb.node, hb.id,
+                          extra={"worker": self._worker})
+            return
+        if self.members.observe(hb):
+            self.rebalance()
+
+    def heartbeat(self, bye: bool = False) -> None:
+        """Announce ourselves and what we hold (not persistent, not confirmed: a lost one is just late)."""
+        ch = self.session.heartbeats if self.session is not None else None
+        if ch is None or not ch.is_open:
+            return
+        parts: dict[str, dict[int, int]] = {}
+        for part in self.parts.values():
+            if part.active:
+                parts.setdefault(part.ctl.name, {})[part.index] = part.unacked
+        blocked = self.session.publish.blocked  # type: ignore[union-attr]
+        self._metrics.broker_blocked(blocked is not None)
+        s = self._settings
+        hb = membership.Heartbeat(id=self.member_id, node=s.node_id, worker=self._worker, weight=s.weight,
+                                  started=self._started, controllers=tuple(c.name for c in self._ctls), bye=bye,
+                                  parts=parts, pid=os.getpid(), blocked=blocked or "")
+        ch.raw.basic_publish(members_exchange(s.broker.prefix), "", membership.encode(hb))
+
+    def tick(self) -> None:
+        """Every heartbeat interval: forget members gone silent, rebalance."""
+        gone = self.members.expire()
+        if gone:
+            log.info("members gone (no heartbeat for %.0fs): %s", self._settings.worker.member_timeout_s,
+                     ", ".join(gone), extra={"worker": self._worker})
+        self.rebalance()
+
+    def rebalance(self) -> None:
+        """Acquire partitions this member should own and release the rest, in the background."""
+        if self.session is None or not self.joined:
+            return
+        live = self.members.live()
+        for ctl in self._ctls:
+            members = [Member(hb.id, hb.weight) for hb in live if ctl.name in hb.controllers]
+            if not any(m.id == self.member_id for m in members):
+                members.append(Member(self.member_id, self._settings.weight))
+            want = owned_by(self.member_id, members, ctl.name, self._partitions)
+            for index in sorted(want):
+                if (ctl.index, index) not in self.parts:
+                    self._spawn(self.acquire(ctl, index), self._acquiring)
+            for (ci, index), part in list(self.parts.items()):
+                if ci == ctl.index and index not in want and not part.releasing:
+                    self._spawn(self.release(part), self._releasing)
+
+    def _spawn(self, coro: Any, bucket: set[asyncio.Task[None]]) -> None:
+        task = asyncio.ensure_future(coro)
+        bucket.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            bucket.discard(t)
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None and not isinstance(exc, ChannelGone):
+                log.error("partition task failed: %s", exc, extra={"worker": self._worker})
+        task.add_done_callback(done)
+
+    async def settled(self, stop: asyncio.Event) -> None:
+        """Wait until no acquisition is pending (classic partitions a peer still holds are retried)."""
+        while self._acquiring and not stop.is_set():
+            await asyncio.wait(set(self._acquiring), timeout=1.0)
+
+    # ---------------------------------------------------------------- one partition
+
+    async def acquire(self, ctl: Ctl, index: int) -> None:
+        session = self.session
+        assert session is not None
+        conn = session.consume
+        part = Partition(ctl, index, ctl.names.partition(index, self._partitions))
+        self.parts[(ctl.index, index)] = part
+        while not part.releasing:
+            ch = await conn.channel()
+            await ch.rpc("basic_qos", prefetch_count=self._settings.worker.prefetch)
+            part.ch = ch
+            part.acks = AckBatch()
+            part.guard_left = 0
+            # a partition already cleared since the broker (and its ring) last started needs no guard
+            part.guarding = (self._settings.worker.reroute_on_acquire
+                             and not await is_clean(conn, ctl.names, index, self._partitions))
+            part.held = [] if part.guarding else None  # hold deliveries until the guard window is known
+            part.acquired_at = self._clock()
+            try:
+                await ch.consume(part.queue, lambda c, m, pr, b, ch=ch: self._intake.on_message(part, ch, m, pr, b),
+                                 exclusive=self._exclusive)
+                self._stats.acquisitions += 1
+                self._metrics.handover(ctl.name, "acquired")
+                ch.closed.add_done_callback(
+                    lambda f, ch=ch: self._lost(part, ch, session, f"channel closed: {f.result()}"))
+                ch.cancelled.add_done_callback(
+                    lambda f, ch=ch: self._lost(part, ch, session, "consumer cancelled by the broker"))
+                if part.guarding:
+                    await self._guard.measure(part, ch, self._intake.on_message)
+                return
+            except ChannelGone as exc:
+                if exc.reply_code == NOT_FOUND:
+                    # deleted under us: serve the other partitions; the membership tick tries again
+                    self.parts.pop((ctl.index, index), None)
+                    self._say_missing(part)
+                    return
+                # 403: another exclusive consumer (classic) still holds it; try again shortly
+                log.info("partition %s busy (%s); retrying", part.queue, exc, extra={"worker": self._worker})
+                await asyncio.sleep(ACQUIRE_RETRY_S)
+
+    def _say_missing(self, part: Partition) -> None:
+        now = self._clock()
+        if now - self._missing_logged.get(part.queue, -1e9) >= MISSING_LOG_S:
+            self._missing_logged[part.queue] = now
+            log.error("partition queue %s does not exist; run 'ctlpool topology %s' (retrying)", part.queue,
+                      part.ctl.name, extra={"worker": self._worker, "partition": part.index,
+                                            "controller": part.ctl.name})
+
+    def _lost(self, part: Partition, ch: Channel, session: Session, why: str) -> None:
+        """The broker closed a partition's channel or cancelled its consumer, the connection being fine.
+
+        The partition would otherwise stay "owned" with nothing consuming it. Start over the way
+        a connection loss does (in-flight reconciles cancelled, every delivery back to the broker,
+        reconnect, re-acquire): one well-trodden path keeps G1, where patching up one partition
+        while its keys may still be in flight would not."""
+        if session.lost.done() or part.ch is not ch or part.releasing or not self.joined or ch.conn.closed.done():
+            return  # a release, a drain or a lost connection closed it; or the session is ending anyway
+        log.warning("partition %s lost its consumer (%s); reconnecting", part.queue, why,
+                    extra={"worker": self._worker, "partition": part.index, "controller": part.ctl.name})
+        session.lose(f"partition {part.queue}: {why}")
+
+    async def release(self, part: Partition) -> None:
+        """Stop dispatching, wait for in-flight reconciles, re-route the prefetched rest, close the channel."""
+        part.releasing = True
+        if part.held is None:
+            part.held = []
+        queued = self._dispatch.withdraw(part)
+        await part.idle.wait()
+        ch = part.ch
+        if ch is not None and ch.is_open:
+            confirms = [self._settler.reroute(d) for d in queued if d.ch is ch]
+            confirms += self._intake.reroute_held(part, ch)
+            if confirms:
+                await asyncio.gather(*confirms, return_exceptions=True)
+            self._settler.flush_acks()
+            await ch.close()
+        self.parts.pop((part.ctl.index, part.index), None)
+        self._stats.releases += 1
+        self._metrics.handover(part.ctl.name, "released")
+
+    # ---------------------------------------------------------------- the end of a session
+
+    async def drain(self) -> None:
+        """Hand every partition over: say goodbye first (peers subscribe right away, as standbys
+        behind our consumers, so each partition changes hands the moment we close its channel)."""
+        self.joined = False  # take nothing more
+        self.heartbeat(bye=True)
+        for t in list(self._acquiring):
+            t.cancel()
+        releases = [self.release(p) for p in list(self.parts.values()) if not p.releasing]
+        timeout = self._settings.worker.drain_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.gather(*releases, *self._releasing, return_exceptions=True), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out after %.0fs; in-flight deliveries go back to the broker", timeout,
+                        extra={"worker": self._worker})
+
+    def abandon(self) -> None:
+        """The session is gone: stop every acquisition and release, forget every partition."""
+        self.bind(None)
+        for t in [*self._acquiring, *self._releasing]:
+            t.cancel()
+        self.parts.clear()

@@ -1,0 +1,103 @@
+"""What the worker's rooms share: a controller as the worker sees it, a partition it holds, a
+delivery waiting for (or covered by) a reconcile, and the worker's counters. Plain data, no I/O.
+
+Data flow: ``Ownership`` creates a ``Partition`` when it acquires one and drops it when it
+releases it; ``Intake`` turns each delivery of a partition into a ``Delivery``; ``Dispatch``
+counts a partition's deliveries inside running reconciles (``dispatched`` / ``idle``, what a
+release waits for); ``Settler`` acks through the partition's ``AckBatch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import codec
+from ..acks import AckBatch
+from ..amqp import Channel
+from ..controller import Controller, is_async
+from ..topology import Names
+
+
+class Ctl:
+    """A controller and what the worker derives from it once."""
+
+    __slots__ = ("index", "controller", "name", "names", "decode", "is_async", "exchange")
+
+    def __init__(self, index: int, controller: Controller, prefix: str) -> None:
+        self.index = index
+        self.controller = controller
+        self.name = controller.name
+        self.names = Names(prefix, controller.name)
+        self.exchange = self.names.exchange
+        self.decode = codec.make_decoder(controller.event_type)
+        self.is_async = is_async(controller)
+
+
+class Partition:
+    """One partition queue this worker consumes (or is acquiring / releasing)."""
+
+    __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
+                 "releasing", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks")
+
+    def __init__(self, ctl: Ctl, index: int, queue: str) -> None:
+        self.ctl = ctl
+        self.index = index
+        self.queue = queue
+        self.ch: Channel | None = None
+        self.guard_left = 0  # deliveries still to re-route (ring-drift guard window)
+        self.guarding = False  # not known clean in this broker epoch: re-route backlog and redeliveries
+        self.guard_futs: list[asyncio.Future[None]] = []  # confirms of the window's re-routes
+        self.may_mark = False  # we were the only consumer when the window was measured
+        self.acks = AckBatch()  # of the current channel
+        self.held: list[tuple[Any, Any, bytes]] | None = None  # deliveries parked while measuring/releasing
+        self.dispatched = 0  # deliveries of this partition inside running reconciles
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.releasing = False
+        self.acquired_at = 0.0
+        self.rerouted = 0
+        self.unacked = 0  # deliveries received and not yet acked (shown by ``ctlpool status``)
+
+    @property
+    def active(self) -> bool:
+        """Consuming, and not on its way out."""
+        return self.ch is not None and not self.releasing
+
+
+class Delivery:
+    """A decoded delivery waiting in, or covered by, a reconcile."""
+
+    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "content_type", "redeliveries",
+                 "queued_at")
+
+    def __init__(self, part: Partition, ch: Channel, tag: int, key: str, event: Any, headers: dict[str, Any] | None,
+                 attempt: int, body: bytes, content_type: str | None, redeliveries: int, queued_at: float) -> None:
+        self.part = part
+        self.ch = ch
+        self.tag = tag
+        self.key = key
+        self.event = event
+        self.headers = headers
+        self.attempt = attempt
+        self.body = body
+        self.content_type = content_type
+        self.redeliveries = redeliveries
+        self.queued_at = queued_at
+
+
+@dataclass
+class WorkerStats:
+    """Counters since the worker started (read by metrics and tests)."""
+
+    deliveries: int = 0
+    reconciles: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    parked: dict[str, int] = field(default_factory=dict)
+    rerouted: int = 0
+    hops: int = 0
+    acquisitions: int = 0
+    releases: int = 0

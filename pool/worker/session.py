@@ -1,0 +1,98 @@
+"""The broker session: one connected period of a worker, and how long to wait before the next.
+
+Data flow: ``Session.open`` connects the consume connection (partition channels, the member
+listen queue) and the publish connection (the confirm channel everything is republished on,
+and the member heartbeats: the broker blocks a connection that publishes during an alarm,
+and a blocked consume connection could not even be closed). Before any partition is taken,
+the lease starts (``pool.fence``): renewed by every socket read of the consume connection,
+where our own heartbeats echo back every interval. ``lost`` resolves with the reason when any
+part of the session fails (a connection or the confirm channel closes, a partition loses its
+consumer, the lease runs out); ``Worker`` then cancels everything and opens a new session
+after ``Backoff``'s delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from ..amqp import Channel, ChannelGone, ConfirmChannel, Connection, connect
+from ..fence import LEASE_FRACTION, Lease
+from ..settings import BrokerSettings
+from ..topology import members_exchange
+
+RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
+JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
+
+
+class Backoff:
+    """Reconnect delays: ``RECONNECT_FIRST_S`` doubling up to ``max_s``, jittered; a session that
+    served (got as far as consuming) starts the next outage afresh. Pure: no clock, no I/O."""
+
+    def __init__(self, max_s: float, rand: Callable[[], float]) -> None:
+        self._max_s = max_s
+        self._rand = rand
+        self._next = RECONNECT_FIRST_S
+
+    def after(self, served: bool) -> float:
+        """The delay before the next session, given whether the one that ended served."""
+        if served:
+            self._next = RECONNECT_FIRST_S
+        delay = self._next * (1 + JITTER * (2 * self._rand() - 1))
+        self._next = min(self._next * 2, self._max_s)
+        return delay
+
+
+class Session:
+    """Open connections of one connected period (see the module docstring)."""
+
+    def __init__(self, consume: Connection, publish: Connection, pub: ConfirmChannel, heartbeats: Channel,
+                 lease: Lease, lost: asyncio.Future[ChannelGone]) -> None:
+        self.consume = consume
+        self.publish = publish
+        self.pub = pub
+        self.heartbeats = heartbeats
+        self.lease = lease
+        self.lost = lost
+
+    @classmethod
+    async def open(cls, broker: BrokerSettings, member_id: str, *, on_heartbeat: Callable[..., None],
+                   on_lease_lost: Callable[[str], None], clock: Callable[[], float],
+                   opened: list[Connection]) -> "Session":
+        """Connect, listen for member heartbeats, start the lease. Every connection made is
+        appended to ``opened`` at once, so the caller closes them even if a later step fails."""
+        consume = await connect(broker.amqp_url, name=f"ctlpool {member_id} consume", heartbeat_s=broker.heartbeat_s)
+        opened.append(consume)
+        publish = await connect(broker.amqp_url, name=f"ctlpool {member_id} publish", heartbeat_s=broker.heartbeat_s)
+        opened.append(publish)
+        pub = await publish.confirm_channel()
+        heartbeats = await publish.channel()
+        listen = await consume.channel()
+        ok = await listen.rpc("queue_declare", queue="", exclusive=True, auto_delete=True)
+        await listen.rpc("queue_bind", queue=ok.method.queue, exchange=members_exchange(broker.prefix))
+        await listen.consume(ok.method.queue, on_heartbeat, auto_ack=True)
+        # From here on, a lost lease means the broker may have given our partitions away.
+        lease = Lease(clock, LEASE_FRACTION * consume.heartbeat_s if consume.heartbeat_s else float("inf"),
+                      on_lost=on_lease_lost)
+        consume.on_data(lease.heard)
+        return cls(consume, publish, pub, heartbeats, lease, asyncio.get_running_loop().create_future())
+
+    def lose(self, why: str) -> None:
+        """End the session the way a connection loss does (first reason wins)."""
+        if not self.lost.done():
+            self.lost.set_result(ChannelGone(0, why))
+
+    async def until_lost(self, stop: asyncio.Event) -> None:
+        """Return when ``stop`` is set; raise ``ChannelGone`` when the session fails first."""
+        stopping = asyncio.ensure_future(stop.wait())
+        watched: list[asyncio.Future[Any]] = [self.consume.closed, self.publish.closed, self.pub.ch.closed, self.lost]
+        try:
+            await asyncio.wait([stopping, *watched], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if stop.is_set():
+            return
+        if self.lost.done():
+            raise self.lost.result()
+        reason = next(f.result() for f in watched if f.done())
+        raise ChannelGone(reason.reply_code, f"connection lost: {reason.reply_text}")
