@@ -5,10 +5,8 @@ pinned to a usable CPU unless the broker runs on this host (``pool.pinning``), a
 waits on the workers' sentinels, their status pipes and a self-pipe woken by signals:
 
 - a worker that dies (any cause, SIGKILL included) is restarted after a backoff that
-  doubles with its recent deaths; ``CRASH_LOOP_DEATHS`` deaths of one slot within
-  ``CRASH_LOOP_WINDOW_S`` end the supervisor with ``EXIT_CRASH_LOOP``. A death with a
-  reconcile in flight (the slot's ``pool.journal`` says so) is restarted at once and not
-  counted: ``--max-deliveries`` bounds those by parking the event that causes them;
+  doubles with its recent deaths, or the supervisor ends with ``EXIT_CRASH_LOOP``
+  (``pool.restarts`` decides; a death inside a reconcile is restarted at once, uncounted);
 - SIGTERM / SIGINT: drain — each worker gets SIGTERM, stops taking deliveries, finishes
   and acks in-flight work and exits 0; workers still alive after the drain timeout are
   killed. A second SIGTERM / SIGINT kills the workers at once (``EXIT_INTERRUPTED``);
@@ -46,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import journal, nodelock
+from . import journal, nodelock, restarts
 from .child import worker_main
 from .errors import ConfigError
 from .exits import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_INTERRUPTED, EXIT_OK
@@ -58,10 +56,6 @@ from .settings import PoolSettings
 
 log = logging.getLogger("ctlpool.supervisor")
 
-CRASH_LOOP_DEATHS = 5  # this many deaths of one slot...
-CRASH_LOOP_WINDOW_S = 60.0  # ...within this window mean it won't get better by restarting
-RESTART_FIRST_S = 0.5  # first restart delay; doubles per recent death
-RESTART_MAX_S = 30.0
 KILL_GRACE_S = 5.0  # after the drain timeout, how long we wait before SIGKILL
 LOOP_TICK_S = 1.0  # the loop wakes at least this often (restarts, drain deadline, status)
 WORKER_SILENT_S = 10.0  # a worker not heard from (state or metrics, ~1/s) this long is hung: starve the watchdog
@@ -191,32 +185,6 @@ class Supervisor:
             n.status("a worker could not load its controllers; exiting " + str(EXIT_CONFIG))
         self.on_event(event, self)
 
-    # ------------------------------------------------------------------ metrics endpoint
-
-    def _render_metrics(self) -> str:
-        ready = sum(1 for s in self.slots if s.ready)
-        return self.metrics.render([
-            ("ctlpool_worker_restarts_total", (), self.restarts),
-            ("ctlpool_workers", ("configured",), len(self.slots)),
-            ("ctlpool_workers", ("alive",), self._alive),
-            ("ctlpool_workers", ("ready",), ready),
-        ])
-
-    def _start_metrics_server(self) -> MetricsServer | None:
-        host, port = self.settings.metrics_host, self.settings.metrics_port
-        if not port:
-            return None
-        server = MetricsServer(
-            host, port, metrics=self._render_metrics,
-            live=lambda: time.monotonic() - self._tick < LIVEZ_STALE_S,
-            ready=lambda: (self.ready and self._stopping_since is None, self._shown))
-        try:
-            server.start()
-        except OSError as exc:
-            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror}") from None
-        log.info("metrics on http://%s:%d/metrics (/livez, /readyz)", host, server.port)
-        return server
-
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
@@ -232,7 +200,7 @@ class Supervisor:
             lock = nodelock.acquire(self.settings.state_dir, self.settings.node_id)
             preload_worker_code()
             log.info("workers %s: %s", "pinned to CPUs" if self.pinned else "not pinned", self._pin_why)
-            server = self._start_metrics_server()
+            server = serve_metrics(self)
             for slot in self.slots:
                 self._start(slot)
             return self._loop(wake_r)
@@ -390,25 +358,14 @@ class Supervisor:
                 return self._give_up(now, "config", EXIT_CONFIG)
             self.restarts += 1
             inside = journal.read_inflight(journal.path_for(self.settings.state_dir, self.settings.node_id, s.index))
-            if inside:
-                # A reconcile killed it (a poison event, the OOM killer...): the slot's next worker
-                # blames the events it held, and --max-deliveries parks each after so many deaths.
-                # That bounds these deaths, so they don't count toward the crash-loop guard, which
-                # would otherwise give up before the poison is parked.
-                s.restart_at = now + RESTART_FIRST_S
-                log.warning("worker %d died (exit %s) inside %d reconcile(s); restarting in %.1fs", s.index, code,
-                            len(inside), RESTART_FIRST_S, extra={"worker": s.index})
-                self._event("degraded")
-                continue
-            s.deaths = [t for t in s.deaths if now - t < CRASH_LOOP_WINDOW_S] + [now]
-            if len(s.deaths) >= CRASH_LOOP_DEATHS:
+            s.deaths, delay = restarts.after_death(s.deaths, now, bool(inside))
+            if delay is None:
                 log.error("worker %d died %d times within %.0fs (last exit %s); giving up",
-                          s.index, len(s.deaths), CRASH_LOOP_WINDOW_S, code, extra={"worker": s.index})
+                          s.index, len(s.deaths), restarts.CRASH_LOOP_WINDOW_S, code, extra={"worker": s.index})
                 return self._give_up(now, "crash-loop", EXIT_CRASH_LOOP)
-            delay = min(RESTART_FIRST_S * 2 ** (len(s.deaths) - 1), RESTART_MAX_S)
             s.restart_at = now + delay
-            log.warning("worker %d died (exit %s); restarting in %.1fs", s.index, code, delay,
-                        extra={"worker": s.index})
+            log.warning("worker %d died (exit %s)%s; restarting in %.1fs", s.index, code,
+                        f" inside {len(inside)} reconcile(s)" if inside else "", delay, extra={"worker": s.index})
             self._event("degraded")
         return None
 
@@ -440,3 +397,27 @@ class Supervisor:
             os.kill(s.proc.pid, signal.SIGTERM)
         if not self._rolling:
             log.info("rolling restart: last worker retiring")
+
+
+def serve_metrics(sup: Supervisor) -> MetricsServer | None:
+    """``--metrics-port``: the workers' summed metrics, /livez and /readyz, from a thread that
+    reads only what the supervisor's loop last published."""
+    host, port = sup.settings.metrics_host, sup.settings.metrics_port
+    if not port:
+        return None
+
+    def render() -> str:
+        return sup.metrics.render([
+            ("ctlpool_worker_restarts_total", (), sup.restarts),
+            ("ctlpool_workers", ("configured",), len(sup.slots)),
+            ("ctlpool_workers", ("alive",), sup._alive),
+            ("ctlpool_workers", ("ready",), sum(1 for s in sup.slots if s.ready)),
+        ])
+    server = MetricsServer(host, port, metrics=render, live=lambda: time.monotonic() - sup._tick < LIVEZ_STALE_S,
+                           ready=lambda: (sup.ready and sup._stopping_since is None, sup._shown))
+    try:
+        server.start()
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics (/livez, /readyz)", host, server.port)
+    return server

@@ -93,7 +93,7 @@ class Recorder(Controller):
             try:
                 await asyncio.sleep(ev["sleep_ms"] / 1000)
             except asyncio.CancelledError:
-                _record({"k": key, "s": start, "e": last, "pid": os.getpid(), "n": ev.get("n"), "r": "cancelled"})
+                _record({"k": key, "s": start, "e": last, "pid": os.getpid(), "n": ev.get("n"), "p": ctx.partition, "r": "cancelled"})
                 raise
         return self._finish(key, ev, ctx, start)
 

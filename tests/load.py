@@ -132,3 +132,13 @@ class Load:
     @property
     def published(self) -> int:
         return sum(self.per_key.values())
+
+    def flow(self, events: int, timeout: float = 60) -> None:
+        """Wait until ``events`` more events have been published (and confirmed) under this load:
+        the pool works under load for a while, measured in events, not seconds."""
+        from tests.helpers import wait_until
+
+        target = self.published + events
+        wait_until(lambda: self.published >= target or self.error is not None, timeout,
+                   what=f"{events} more events published")
+        assert self.error is None, self.error

@@ -186,14 +186,14 @@ def test_sigkill_worker_mid_load_loses_nothing(amqp_url, prefix, tmp_path, rec_d
     try:
         pool.wait_ready()
         with Load(amqp_url, prefix, rate=1000) as load:
-            time.sleep(2)
+            load.flow(2000)
             # When a worker is SIGKILLed mid-load, twice
             for _ in range(2):
                 victim = pool.worker_pids()[0]
                 os.kill(victim, signal.SIGKILL)
                 wait_until(lambda: victim not in pool.worker_pids() and len(pool.worker_pids()) == 2, 20,
                            what="worker restarted")
-                time.sleep(2)
+                load.flow(2000)
         wait_until(lambda: backlog(amqp_url, prefix) == 0, 60, what="backlog drained")
     finally:
         assert pool.stop() == 0
@@ -214,7 +214,7 @@ def test_sigterm_drains_under_load_and_restart_finishes(amqp_url, prefix, tmp_pa
     pool.wait_ready()
     events, per_key = keyed_events(hot=10, hot_events=100, cold=15000, sleep_ms=10)
     publish_many(amqp_url, prefix, "rec", events)
-    time.sleep(1.0)
+    wait_until(lambda: len(read_records(str(rec_dir))) >= 500, 30, what="the pool working through the backlog")
     # When it gets SIGTERM mid-way
     t = time.monotonic()
     code = pool.stop(timeout=40)
@@ -331,12 +331,12 @@ def test_sighup_rolls_workers_one_at_a_time_without_loss(amqp_url, prefix, tmp_p
         pool.wait_ready()
         before = set(pool.worker_pids())
         with Load(amqp_url, prefix, rate=500) as load:
-            time.sleep(1)
+            load.flow(500)
             # When it gets SIGHUP
             pool.signal(signal.SIGHUP)
             wait_until(lambda: not (set(pool.worker_pids()) & before) and len(pool.worker_pids()) == 2, 60,
                        what="both workers replaced")
-            time.sleep(1)
+            load.flow(500)
         wait_until(lambda: backlog(amqp_url, prefix) == 0, 60, what="drained")
     finally:
         assert pool.stop() == 0

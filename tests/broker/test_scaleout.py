@@ -126,7 +126,7 @@ def test_scale_out_1_2_3_then_in_to_1(cluster, amqp_url, prefix):
         cluster.wait_balanced(4, "leave 3->2 hosts")
         cluster.stop("hostB")
         cluster.wait_balanced(2, "leave 2->1 host")
-        time.sleep(1)
+        load.flow(600)
     # Then nothing overlapped, nothing was lost, and each step settled balanced
     records = cluster.check(load)
     assert len({r["pid"] for r in records}) >= 5, "all hosts' workers took part"
@@ -144,7 +144,7 @@ def test_sigkill_whole_host_is_taken_over(cluster, amqp_url, prefix):
         # Then host A owns everything within the heartbeat timeout plus a few seconds
         took = cluster.wait_balanced(2, "host killed", timeout=TIMEOUT + 15)
         assert took <= TIMEOUT + 6
-        time.sleep(1)
+        load.flow(600)
     cluster.check(load)
 
 
@@ -158,7 +158,7 @@ def test_kill_workers_repeatedly_during_rebalance(cluster, amqp_url, prefix):
         # When workers of both hosts are SIGKILLed again and again while partitions move
         killed = 0
         for i in range(6):
-            time.sleep(0.7)
+            load.flow(400)
             victims = (a if i % 2 else b).worker_pids()
             if victims:
                 os.kill(victims[i % len(victims)], signal.SIGKILL)
@@ -166,7 +166,7 @@ def test_kill_workers_repeatedly_during_rebalance(cluster, amqp_url, prefix):
         assert killed >= 4
         # Then the supervisors restart them and the cluster settles balanced
         cluster.wait_balanced(4, "after repeated worker kills", timeout=60)
-        time.sleep(1)
+        load.flow(600)
     cluster.check(load)
 
 
@@ -181,8 +181,7 @@ def test_handover_waits_for_a_long_reconcile(cluster, amqp_url, prefix):
                what="slow reconciles started")
     pids_a = set(a.worker_pids())
     # When a second host joins (partitions must move while their reconciles run) and the keys get new events
-    cluster.start("hostB")
-    time.sleep(1.5)
+    cluster.start("hostB").wait_ready()
     publish_many(amqp_url, prefix, "rec", [(k, {"n": 2}) for k in keys])
     cluster.wait_balanced(4, "join during long reconciles", timeout=60)
     wait_until(lambda: sum(1 for r in read_records(str(cluster.rec)) if r["r"] == "ok") >= 2 * len(keys), 60,
@@ -236,10 +235,10 @@ def _broker_restarts_under_load(cluster: Cluster, amqp_url: str, prefix: str) ->
         cluster.wait_balanced(4, "before broker restarts")
         # When the broker's app is restarted twice (the consistent-hash ring may reshuffle each time)
         for i in range(2):
-            time.sleep(2)
+            load.flow(1200)
             restart_broker_app()
             cluster.wait_balanced(4, f"after broker restart {i + 1}", timeout=90)
-        time.sleep(2)
+        load.flow(1200)
     # Then every event was reconciled once settled, none overlapping, none lost
     records = cluster.check(load, drain_timeout=120)
     partitions_of: dict[str, set[int]] = {}
