@@ -24,7 +24,7 @@ import pika.exceptions
 
 from .amqp import url_parameters
 from .errors import PluginMissing
-from .settings import redact_url, split_urls
+from .urls import redact_url, split_urls
 
 INSTALL_HINT = "apt-get install -y rabbitmq-server   (Debian/Ubuntu; then: rabbitmq-server -detached)"
 START_COMMAND = ["rabbitmq-server", "-detached"]

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .retries import DEFAULT_TIERS_S
-from .text import escape
+from .urls import parse_urls, read_url_file, redact_url, split_urls  # noqa: F401 - split_urls re-exported
 
 log = logging.getLogger("ctlpool.settings")
 
@@ -136,33 +134,6 @@ def default_state_dir(env: Mapping[str, str]) -> str:
     return runtime or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}")
 
 
-# A comma that starts another URL of a list (``amqp://a,amqp://b``); a comma in a password does not.
-_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
-
-
-def split_urls(text: str) -> list[str]:
-    """The URLs of a comma-separated list (a cluster's nodes), or ``[text]`` when it is one URL."""
-    return _NEXT_URL.split(text)
-
-
-def redact_url(url: str) -> str:
-    """The URL (or each URL of a list) with its password replaced by ``***``.
-
-    The user part ends at the *last* ``@``: a password holding an unencoded ``/``, ``?``, ``#`` or
-    ``@`` fools ``urlsplit``, not this (an ``@`` in the vhost hides a little too much instead).
-    """
-    return ",".join(_redact_one(u) for u in split_urls(url))
-
-
-def _redact_one(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    userinfo, at, host = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}{sep}{user}:***@{host}" if at and colon else url
-
-
 # ---- parsers: str | TOML value -> value, raising ValueError with a short reason ----
 
 def _positive_int(v: Any) -> int:
@@ -251,30 +222,6 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
-def _url(v: Any) -> str:
-    """One broker URL, or a comma-separated list of them; each must parse one way only."""
-    urls = [u.strip() for u in split_urls(str(v).strip())]
-    for u in urls:
-        _check_url(u)
-    return ",".join(urls)
-
-
-def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("expected amqp://user:pass@host:port/vhost or amqps://…")
-    rest = url.partition("://")[2]
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if "@" in rest[len(authority):]:
-        # urlsplit ends the user part at the first / ? #, redact_url at the last @: say it plainly
-        raise ValueError("the user or password holds a '/', '?' or '#' (or the vhost an '@'); "
-                         "percent-encode them: %2F %3F %23 %40")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("the port is not a number from 0 to 65535") from None
-
-
 def _name(v: Any) -> str:
     s = str(v).strip()
     if not s or any(c in s for c in " /\t\n"):
@@ -342,23 +289,6 @@ def _readable_file(v: Any) -> str:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
 
 
-def _read_url_file(v: Any) -> str:
-    """The URL in the file; a file others may read gets a warning (it holds the password), not a refusal."""
-    path = str(v)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            text = fh.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read it: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ValueError("it is not UTF-8 text") from None
-    if mode & 0o077:
-        log.warning("--amqp-url-file: %s can be read by group or others (mode %03o) and holds the broker "
-                    "password; restrict it: chmod 600 %s", escape(path), mode & 0o777, escape(path))
-    return _url(text)
-
-
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -382,8 +312,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics-port", None, "metrics_port", _port, "serve /metrics, /livez, /readyz on this port (default 0: off; 9464 is usual)", "PORT"),
     Option("metrics-host", None, "metrics_host", _host, "address of the metrics endpoint (default 127.0.0.1)", "ADDR"),
     Option("state-dir", None, "state_dir", _dir, "in-flight journals and the node-id lock (default $RUNTIME_DIRECTORY or a temp dir)", "DIR"),
-    Option("amqp-url", "broker", "amqp_url", _url, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
-    Option("amqp-url-file", "broker", "amqp_url", _read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
+    Option("amqp-url", "broker", "amqp_url", parse_urls, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
+    Option("amqp-url-file", "broker", "amqp_url", read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
     Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
     Option("tls-ca-file", "broker", "tls_ca_file", _readable_file, "amqps://: CA bundle (PEM) to verify the broker with (default: system CAs)", "FILE"),
     Option("tls-cert-file", "broker", "tls_cert_file", _readable_file, "amqps://: client certificate (PEM) for brokers that require one", "FILE"),
@@ -458,7 +388,7 @@ def resolve(
                 value = opt.parse(raw)
             except ValueError as exc:
                 where = "" if source.startswith("--") else f" (from {source})"
-                shown = redact_url(str(raw)) if opt.parse is _url else str(raw)  # errors reach the journal
+                shown = redact_url(str(raw)) if opt.parse is parse_urls else str(raw)  # errors reach the journal
                 raise ConfigError(f"--{opt.name}{where}: {exc}, got {shown[:80]!r}") from None
             if opt.attr in groups[opt.group] and opt.name.endswith("-file"):
                 break  # --amqp-url, from any source, wins over --amqp-url-file
