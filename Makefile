@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2F
 
-.PHONY: demo test broker postgres bench-micro clean
+.PHONY: demo test broker postgres cluster cluster-down bench-micro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ postgres:
 	  echo "postgres: starting the local cluster"; \
 	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
 	fi
+
+# A local 3-node RabbitMQ cluster beside the default broker (AMQP ports 5681-5683, data in
+# /var/tmp/ctlpool-cluster or CTLPOOL_CLUSTER_DIR); `up` prints the CTLPOOL_AMQP_URL to use.
+# Fault helpers and wiping the data: .venv/bin/python -m pool.devcluster --help
+cluster: $(STAMP)
+	$(BIN)/python -m pool.devcluster up
+
+cluster-down: $(STAMP)
+	$(BIN)/python -m pool.devcluster down
 
 demo: broker
 	CTLPOOL_AMQP_URL='$(AMQP_URL)' $(BIN)/ctlpool demo
