@@ -25,7 +25,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from . import frames, wire
 from .codec import CONTENT_TYPE, H_SEQ
 from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, PublishError, Unroutable
-from .settings import redact_url, split_urls
+from .urls import nodes_for, redact_url
 
 log = logging.getLogger("ctlpool.amqp")
 
@@ -65,6 +65,12 @@ class Connection:
         self.raw = raw
         self.closed = closed
         self.name = name
+        self.node = ""
+        """The node's URL, redacted (logs)."""
+        self.address = ""
+        """The node's host:port (``ctlpool status`` shows it)."""
+        self.dropped = False
+        """Closed by the broker or the network, not by us."""
         self.blocked: str | None = None
         """Why the broker blocks this connection's publishing (a memory or disk alarm); None when it doesn't."""
         self._blocked_at = 0.0
@@ -123,9 +129,11 @@ class Connection:
 
     def abort(self) -> None:
         """Drop the socket now: the broker returns our unacked deliveries when it notices."""
-        transport = getattr(self.raw, "_transport", None)
-        if not self.closed.done() and transport is not None:
-            transport.abort()
+        if not self.closed.done() and getattr(self.raw, "_transport", None) is not None:
+            # pika's own abort path: it records why, then drops the socket and calls on_close
+            # (aborting the transport directly trips pika's assertion that a reason was recorded)
+            self.raw._terminate_stream(pika.exceptions.StreamLostError(
+                f"aborted: the broker did not confirm the close within {CLOSE_GRACE_S:g}s"))
 
     @property
     def is_open(self) -> bool:
@@ -171,21 +179,9 @@ def use_tls(ca_file: str | None = None, cert_file: str | None = None, key_file: 
     _tls_context = ctx
 
 
-_list_said = False
-
-
 def url_parameters(url: str) -> pika.URLParameters:
-    """pika parameters for ``url``; ``amqps://`` verifies the broker's certificate and host name.
-
-    Of a list of node URLs (``settings.split_urls``) only the first is used so far: moving
-    between the nodes of a cluster is not built yet, and saying so beats a vhost named ``/,amqp``."""
-    global _list_said
-    nodes = split_urls(url)
-    if len(nodes) > 1 and not _list_said:
-        _list_said = True
-        log.warning("%d broker URLs given; only the first (%s) is used: failing over between nodes is not "
-                    "supported yet", len(nodes), redact_url(nodes[0]))
-    params = pika.URLParameters(nodes[0].strip())
+    """pika parameters for one node's ``url``; ``amqps://`` verifies the broker's certificate and host name."""
+    params = pika.URLParameters(url.strip())
     if params.ssl_options is not None:
         # pika's own default context has no server_hostname, so host-name checking cannot work
         params.ssl_options = pika.SSLOptions(_tls_context or ssl.create_default_context(), server_hostname=params.host)
@@ -193,7 +189,32 @@ def url_parameters(url: str) -> pika.URLParameters:
 
 
 async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
-    """Open a connection; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``)."""
+    """Open a connection to one node of ``url`` (one URL or a cluster's list, ``pool.urls``).
+
+    The nodes are tried in this process's order (``urls.Nodes``): a refused connection moves on
+    to the next at once; ``BrokerUnavailable`` only once every node failed, naming each. A
+    connection the broker drops later moves the process's next connect on to the next node."""
+    nodes = nodes_for(url)
+    errors = []
+    for node in nodes.order():
+        try:
+            conn = await _connect_node(node, name=name, heartbeat_s=heartbeat_s)
+        except BrokerUnavailable as exc:
+            nodes.failed(node)
+            errors.append(str(exc))
+            if len(nodes.urls) > 1:
+                log.warning("%s; trying the next node", exc, extra={"connection": name})
+            continue
+        nodes.worked(node)
+        conn.closed.add_done_callback(lambda f, node=node: conn.dropped and nodes.failed(node))
+        return conn
+    if len(errors) == 1:
+        raise BrokerUnavailable(errors[0])
+    raise BrokerUnavailable(f"no RabbitMQ node of {len(errors)} reachable: " + "; ".join(errors))
+
+
+async def _connect_node(url: str, *, name: str, heartbeat_s: int) -> Connection:
+    """Open a connection to one node; ``BrokerUnavailable`` says where and why when it fails (TLS: see ``use_tls``)."""
     loop = asyncio.get_running_loop()
     params = url_parameters(url)
     params.heartbeat = heartbeat_s
@@ -213,12 +234,15 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
 
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
+            conn.dropped = not isinstance(reason, pika.exceptions.ConnectionClosedByClient)
             closed.set_result(_gone(reason))
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))
 
     raw = AsyncioConnection(params, on_open, on_open_error, on_close, custom_ioloop=loop)
     conn = Connection(raw, closed, name)  # tracks connection.blocked from the start
+    conn.node = redact_url(url)
+    conn.address = f"{params.host}:{params.port}"
     try:
         await opened
     except BaseException:
@@ -306,13 +330,14 @@ class Channel:
             self._pending.discard(fut)
 
     async def consume(self, queue: str, on_message: Callable[..., None], *, exclusive: bool = False,
-                      auto_ack: bool = False) -> str:
+                      auto_ack: bool = False, consumer_tag: str | None = None) -> str:
         """Start consuming (manual acks unless ``auto_ack``); returns the consumer tag once the broker said ok."""
         if self.closed.done():
             raise self.closed.result()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.add(fut)
         tag = self.raw.basic_consume(queue, on_message, auto_ack=auto_ack, exclusive=exclusive,
+                                     consumer_tag=consumer_tag,
                                      callback=lambda frame: fut.done() or fut.set_result(frame))
         try:
             await fut

@@ -42,6 +42,7 @@ TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s"}
 RUN_OPTS = frozenset(o.name for o in OPTIONS)
 PARKED_ACTIONS = ("list", "show", "replay", "purge")
 START_BROKER_HINT = "start it with: rabbitmq-server -detached  (or: systemctl start rabbitmq-server)"
+PUBLISH_RETRY_S = 60.0  # publish --batch: how long it keeps re-sending with no confirm from the broker
 
 
 def _version() -> str:
@@ -288,7 +289,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         async def batch() -> int:
             async with Publisher(b.amqp_url, prefix=b.prefix) as pub:
                 await _check_controller(pub, args.controller)
-                return await pub.publish_many(lines(), raw=True)
+                # a node lost mid-batch: reconnect (the next node of a list first), re-send what wasn't confirmed
+                return await pub.publish_many(lines(), raw=True, retry_s=PUBLISH_RETRY_S)
 
         n = asyncio.run(batch())
         print(f"published {n} events to {b.prefix}.{args.controller}")

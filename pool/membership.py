@@ -31,6 +31,8 @@ class Heartbeat(msgspec.Struct, frozen=True, omit_defaults=True):
     pid: int = 0
     blocked: str = ""
     """Why the broker blocks this member's publishing (a memory or disk alarm); empty when it doesn't."""
+    broker: str = ""
+    """The broker node this member consumes from (host:port), shown by ``ctlpool status``."""
 
 
 _encoder = msgspec.json.Encoder()

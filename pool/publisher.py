@@ -14,16 +14,22 @@ caller that seems to hang says why.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterable, Iterable
 
-from .amqp import ConfirmChannel, Connection, connect
+from .amqp import ChannelGone, ConfirmChannel, Connection, connect
+from .errors import BrokerUnavailable, Nacked
 from .codec import H_FIRST_MS, encode
 from .settings import DEFAULT_AMQP_URL
+
+log = logging.getLogger("ctlpool.publisher")
 
 # Unconfirmed messages in flight in ``publish_many``: enough to hide the confirm round
 # trip (~20k msg/s in DESIGN fact 9), small enough that a failure re-sends little.
 DEFAULT_WINDOW = 1000
+RETRY_FIRST_S = 0.5  # publish_many(retry_s=...): a nacked batch is sent again after this, doubling...
+RETRY_MAX_S = 5.0  # ...up to this
 
 
 class Publisher:
@@ -69,25 +75,68 @@ class Publisher:
         *,
         window: int = DEFAULT_WINDOW,
         raw: bool = False,
+        retry_s: float = 0.0,
     ) -> int:
         """Pipeline (controller, key, payload) triples; ``raw`` payloads are bytes already. Returns the count.
 
-        Raises on the first failed confirm, after waiting for the rest in flight.
+        Raises on the first failed confirm, after waiting for the rest in flight. With
+        ``retry_s`` > 0, a lost connection (its node died, a flap) or a nack (a quorum queue
+        without a leader for a moment) is not a failure while the broker confirmed something
+        within the last ``retry_s``: the publisher reconnects, to the next node of a cluster's
+        list first, and sends again every event not confirmed (at least once: one the broker
+        took just before the loss comes twice), nacked ones after a backoff.
         """
-        inflight: set[asyncio.Future[None]] = set()
+        pending: dict[asyncio.Future[None], tuple[int, tuple[str, str, Any]]] = {}  # -> (order sent, event)
         sent = 0
+        progress = time.monotonic()  # of the last confirm
+        backoff = RETRY_FIRST_S
+
+        def send(n: int, item: tuple[str, str, Any]) -> None:
+            pending[self._send(*item, raw=raw)] = (n, item)
 
         async def settle(limit: int) -> None:
-            nonlocal inflight
-            while len(inflight) > limit:
-                done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                failed = [exc for f in done if (exc := f.exception()) is not None]  # each retrieved
-                if failed:
-                    if inflight:
-                        await asyncio.wait(inflight)
-                        for g in inflight:
-                            g.exception()
-                    raise failed[0]
+            nonlocal progress, backoff
+            while len(pending) > limit:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                outcomes = [(f.exception(), pending.pop(f)) for f in done]  # each exception retrieved
+                failed = [(exc, sent_as) for exc, sent_as in outcomes if exc is not None]
+                if len(failed) < len(outcomes):
+                    progress, backoff = time.monotonic(), RETRY_FIRST_S
+                if not failed:
+                    continue
+                if pending:  # the rest in flight: confirmed, or lost with the same connection
+                    await asyncio.wait(pending)
+                    failed += [(exc, sent_as) for f, sent_as in pending.items() if (exc := f.exception()) is not None]
+                    pending.clear()
+                refused = [exc for exc, _ in failed if not isinstance(exc, (ChannelGone, Nacked))]
+                if refused or time.monotonic() - progress > retry_s:
+                    raise (refused or [failed[0][0]])[0]
+                await recover(failed)
+                for _exc, (n, item) in sorted(failed, key=lambda f: f[1][0]):  # in the order first sent
+                    send(n, item)
+
+        async def recover(failed: list[tuple[BaseException, tuple[int, Any]]]) -> None:
+            nonlocal backoff
+            if not any(isinstance(exc, ChannelGone) for exc, _ in failed):
+                # Seen on 3.10 after a node died: a channel whose queue client still points at
+                # a dead leader may nack the same queues until it is closed; so a new one each time.
+                log.warning("the broker refused %d events (%s); re-sending them in %.1fs over a new connection",
+                            len(failed), failed[0][0], backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+            else:
+                log.warning("connection lost (%s); re-sending %d unconfirmed events over a new connection",
+                            failed[0][0], len(failed))
+            await self.close()
+            while True:
+                try:
+                    await self.connect()
+                    return
+                except BrokerUnavailable:
+                    if time.monotonic() - progress > retry_s:
+                        raise
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
 
         async def items() -> AsyncIterable[tuple[str, str, Any]]:
             if hasattr(events, "__aiter__"):
@@ -97,10 +146,10 @@ class Publisher:
                 for e in events:  # type: ignore[union-attr]
                     yield e
 
-        async for controller, key, payload in items():
-            inflight.add(self._send(controller, key, payload, raw=raw))
+        async for item in items():
+            send(sent, item)
             sent += 1
-            if len(inflight) >= window:
+            if len(pending) >= window:
                 await settle(window // 2)
         await settle(0)
         return sent

@@ -87,6 +87,7 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
             "broker_blocked": blocked,
             "members": [{"id": hb.id, "node": hb.node, "worker": hb.worker, "weight": hb.weight, "pid": hb.pid,
                          "controllers": list(hb.controllers), "broker_blocked": hb.blocked,
+                         "broker_node": hb.broker,
                          "partitions": {c: len(v) for c, v in hb.parts.items()},
                          "last_heartbeat_s_ago": round(time.time() - heard[hb.id], 2)} for hb in members],
             "controllers": out_ctls,
@@ -111,7 +112,7 @@ def render(snapshot: dict[str, Any]) -> str:
         for m in ms:
             owned = escape(", ".join(f"{c}:{n}" for c, n in sorted(m["partitions"].items())) or "-")
             lines.append(f"    {escape(m['id']):<24} pid={m['pid']:<7} partitions {owned:<20} "
-                         f"last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago"
+                         f"via {escape(m.get('broker_node') or '?'):<16} last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago"
                          + (f"  BROKER BLOCKS ITS PUBLISHING: {escape(m['broker_blocked'])}"
                             if m.get("broker_blocked") else ""))
     for c in snapshot["controllers"]:

@@ -29,16 +29,21 @@ def list_names(prefix: str) -> tuple[list[str], list[str]]:
 
 
 def _connect(url: str, tries: int = 3) -> pika.BlockingConnection:
-    """A blocking connection; a loaded 2-core machine can miss pika's 10 s handshake once."""
-    params = pika.URLParameters(url)
-    params.stack_timeout = 30
+    """A blocking connection to the first node of ``url`` (one URL or a cluster's list) that answers;
+    a loaded 2-core machine can miss pika's 10 s handshake once."""
+    from pool.urls import split_urls
+
+    nodes = [u.strip() for u in split_urls(url)]
     for attempt in range(tries):
-        try:
-            return pika.BlockingConnection(params)
-        except pika.exceptions.AMQPConnectionError:
-            if attempt == tries - 1:
-                raise
-            time.sleep(1)
+        for node in nodes:
+            params = pika.URLParameters(node)
+            params.stack_timeout = 30
+            try:
+                return pika.BlockingConnection(params)
+            except pika.exceptions.AMQPConnectionError:
+                if attempt == tries - 1 and node == nodes[-1]:
+                    raise
+        time.sleep(1)
     raise AssertionError("unreachable")
 
 

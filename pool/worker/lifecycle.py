@@ -27,7 +27,8 @@ from ..controller import Controller
 from ..errors import BrokerError
 from ..messages import WorkerState
 from ..metrics import WorkerMetrics
-from ..settings import PoolSettings, redact_url
+from ..settings import PoolSettings
+from ..urls import redact_url, split_urls
 from .dispatch import Dispatch
 from .guard import Guard
 from .intake import Intake
@@ -98,7 +99,8 @@ class Worker:
         dispatch.journal = self._open_journal(intake)
         for c in self.ctls:
             c.controller.setup()
-        backoff = Backoff(self.settings.broker.reconnect_max_s, self.rand)
+        backoff = Backoff(self.settings.broker.reconnect_max_s, self.rand,
+                          len(split_urls(self.settings.broker.amqp_url)))
         while not self._stop.is_set():
             self._served = False
             try:

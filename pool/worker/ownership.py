@@ -108,7 +108,8 @@ class Ownership:
         s = self._settings
         hb = membership.Heartbeat(id=self.member_id, node=s.node_id, worker=self._worker, weight=s.weight,
                                   started=self._started, controllers=tuple(c.name for c in self._ctls), bye=bye,
-                                  parts=parts, pid=os.getpid(), blocked=blocked or "")
+                                  parts=parts, pid=os.getpid(), blocked=blocked or "",
+                                  broker=self.session.consume.address)  # type: ignore[union-attr]
         ch.raw.basic_publish(members_exchange(s.broker.prefix), "", membership.encode(hb))
 
     def tick(self) -> None:
@@ -172,8 +173,9 @@ class Ownership:
             part.held = [] if part.guarding else None  # hold deliveries until the guard window is known
             part.acquired_at = self._clock()
             try:
+                # the tag names us: ``rabbitmqctl list_consumers`` shows which member holds a partition
                 await ch.consume(part.queue, lambda c, m, pr, b, ch=ch: self._intake.on_message(part, ch, m, pr, b),
-                                 exclusive=self._exclusive)
+                                 exclusive=self._exclusive, consumer_tag=f"ctlpool {self.member_id}")
                 self._stats.acquisitions += 1
                 self._metrics.handover(ctl.name, "acquired")
                 ch.closed.add_done_callback(

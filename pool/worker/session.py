@@ -27,17 +27,22 @@ JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in locks
 
 class Backoff:
     """Reconnect delays: ``RECONNECT_FIRST_S`` doubling up to ``max_s``, jittered; a session that
-    served (got as far as consuming) starts the next outage afresh. Pure: no clock, no I/O."""
+    served (got as far as consuming) starts the next outage afresh, and on a cluster
+    (``nodes`` > 1) reconnects at once: ``connect`` moves on to the next node by itself and
+    fails only when every node did. Pure: no clock, no I/O."""
 
-    def __init__(self, max_s: float, rand: Callable[[], float]) -> None:
+    def __init__(self, max_s: float, rand: Callable[[], float], nodes: int = 1) -> None:
         self._max_s = max_s
         self._rand = rand
+        self._nodes = nodes
         self._next = RECONNECT_FIRST_S
 
     def after(self, served: bool) -> float:
         """The delay before the next session, given whether the one that ended served."""
         if served:
             self._next = RECONNECT_FIRST_S
+            if self._nodes > 1:
+                return 0.0
         delay = self._next * (1 + JITTER * (2 * self._rand() - 1))
         self._next = min(self._next * 2, self._max_s)
         return delay

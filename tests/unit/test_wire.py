@@ -115,11 +115,18 @@ def test_a_transport_it_does_not_know_is_left_alone() -> None:
         loop.close()
 
 
-def test_of_a_list_of_node_urls_the_first_is_used():
-    # Given a cluster list (failing over between nodes is not built yet)
-    from pool.amqp import url_parameters
+def test_connect_tries_every_node_of_a_list_and_names_each_when_all_refuse():
+    # Given a cluster list whose nodes all refuse connections (nothing listens on ports 1 and 2)
+    from pool.amqp import connect
+    from pool.errors import BrokerUnavailable
 
-    # When connection parameters are made from it
-    params = url_parameters("amqp://u:secret@h1:5672/vh, amqp://u:secret2@h2:5673/vh")
-    # Then they are the first node's, not a mangled mix (a vhost named '/,amqp' before)
-    assert (params.host, params.port, params.virtual_host) == ("h1", 5672, "vh")
+    async def main() -> str:
+        try:
+            await connect("amqp://u:secret@127.0.0.1:1/vh, amqp://u:secret2@127.0.0.1:2/vh", name="t")
+        except BrokerUnavailable as exc:
+            return str(exc)
+        raise AssertionError("connected to nothing")
+    # When a connection is opened, Then both were tried, each named, no password shown
+    text = asyncio.run(main())
+    assert "no RabbitMQ node of 2 reachable" in text and ":1/vh" in text and ":2/vh" in text
+    assert "secret" not in text

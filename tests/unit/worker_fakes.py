@@ -93,7 +93,7 @@ class FakeChannel:
         return answer
 
     async def consume(self, queue: str, on_message: Callable[..., None], *, exclusive: bool = False,
-                      auto_ack: bool = False) -> None:
+                      auto_ack: bool = False, consumer_tag: str | None = None) -> None:
         self.queue, self.on_message = queue, on_message
 
     async def close(self) -> None:
@@ -117,6 +117,7 @@ class FakeConnection:
         self.channels: list[FakeChannel] = []
         self.answers: dict[str, Any] = {}
         self.blocked = None
+        self.address = "127.0.0.1:5672"
 
     async def channel(self) -> FakeChannel:
         ch = FakeChannel(self, len(self.channels))

@@ -1,0 +1,296 @@
+"""Chaos on a real 3-node RabbitMQ cluster (``pool.devcluster``, started here if it is not running):
+nodes killed, stopped and restarted under load, each scenario counting every event.
+
+Each scenario runs a pool (2 workers, default heartbeats) given the three nodes' URL list, under
+continuous publishing through the same list, and asserts what the scale-out tests assert: no
+two reconciles of one key overlapped (every reconcile's start is recorded, a cancelled one
+included), nothing lost, nothing parked, nothing left behind. It prints the longest time with
+no completed reconcile, and how long the workers of a killed node took to reconcile again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import pytest
+
+from pool.publisher import Publisher
+from pool.devcluster import NODES, ClusterError, LocalCluster
+from tests.ctl_fixtures import read_records
+from tests.helpers import delete, wait_until
+from tests.hosts import Hosts
+from tests.load import Load
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(360)]
+
+PARTITIONS = 16
+RESUME_S = 5.0  # the workers of a killed node reconcile again within this long (issue target, default heartbeats)
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[LocalCluster]:
+    lc = LocalCluster()
+    try:
+        lc.up()
+    except ClusterError as exc:
+        pytest.fail(f"the local cluster could not start: {exc}; run: make cluster", pytrace=False)
+    yield lc
+    lc.up()  # every node running again for whoever comes next
+
+
+@pytest.fixture
+def hosts(nodes: LocalCluster, tmp_path: Any) -> Iterator[Hosts]:
+    prefix = f"c{uuid.uuid4().hex[:10]}"
+    h = Hosts(nodes.url_list(), prefix, tmp_path, partitions=PARTITIONS, ctl_node=("-n", NODES[0].name))
+    yield h
+    h.shutdown()
+    nodes.up()
+    names = [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(prefix + ".")]
+    delete(nodes.url_list(), names, [])
+
+
+def node_of(address: str) -> int:
+    """The devcluster node number of a worker's ``host:port``."""
+    port = int(address.rsplit(":", 1)[1])
+    return next(n.number for n in NODES if n.amqp_port == port)
+
+
+def connected(h: Hosts) -> Counter[int]:
+    """How many workers consume from each node (what ``ctlpool status`` says)."""
+    return Counter(node_of(m["broker_node"]) for m in h.owners()["members"])
+
+
+def longest_gap_s(records: list[dict[str, Any]], since_ns: int) -> float:
+    ends = sorted(r["e"] for r in records if r["r"] == "ok" and r["e"] >= since_ns)
+    return max((b - a for a, b in zip(ends, ends[1:])), default=0) / 1e9
+
+
+def resumed_after_s(records: list[dict[str, Any]], pids: set[int], t_ns: int) -> float:
+    """From ``t_ns`` until each of ``pids`` completed a reconcile again (the slowest of them)."""
+    firsts = [min((r["e"] for r in records if r["pid"] == p and r["r"] == "ok" and r["s"] >= t_ns), default=None)
+              for p in pids]
+    assert all(f is not None for f in firsts), "a worker never reconciled again"
+    return (max(firsts) - t_ns) / 1e9  # type: ignore[type-var,operator]
+
+
+def start_pool(h: Hosts) -> list[int]:
+    pool = h.start("hostA", "--heartbeat-interval-s", "1", "--member-timeout-s", "5")
+    pool.wait_ready()
+    h.wait_balanced(2, "2 workers on the cluster")
+    return pool.worker_pids()
+
+
+def report(what: str, records: list[dict[str, Any]], since_ns: int, extra: str = "") -> float:
+    gap = longest_gap_s(records, since_ns)
+    print(f"[cluster] {what}: {len(records)} records, longest gap with no completed reconcile {gap:.2f}s {extra}")
+    return gap
+
+
+def test_sigkill_of_the_node_the_workers_use(nodes: LocalCluster, hosts: Hosts) -> None:
+    start_pool(hosts)
+    with Load(hosts.url, hosts.prefix, rate=300) as load:
+        load.flow(600)
+        # Given the node most workers consume from
+        victim, _ = connected(hosts).most_common(1)[0]
+        pids = {int(m["pid"]) for m in hosts.owners()["members"] if node_of(m["broker_node"]) == victim}
+        assert pids
+        # When its beam.smp is SIGKILLed
+        t_kill = time.monotonic_ns()
+        nodes.kill(victim)
+        # Then the workers move to the surviving nodes and the pool settles, balanced
+        hosts.wait_balanced(2, "after the kill", timeout=60)
+        assert victim not in connected(hosts)
+        load.flow(600)
+    records = hosts.check(load)
+    resumed = resumed_after_s(read_records(str(hosts.rec)), pids, t_kill)
+    report("SIGKILL of the workers' node", records, t_kill, f"; its workers reconciled again after {resumed:.2f}s")
+    assert resumed <= RESUME_S
+
+
+def running_node(nodes: LocalCluster) -> int:
+    return next(n.number for n in NODES if nodes.is_running(n.number))
+
+
+def active_consumers(nodes: LocalCluster, prefix: str) -> dict[str, list[str]]:
+    """Partition queue -> the consumer tags of its active consumers (a tag names the member)."""
+    rows = json.loads(nodes.ctl(running_node(nodes), "list_consumers", "queue_name", "consumer_tag", "active",
+                                "--formatter", "json") or "[]")
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if re.match(rf"{prefix}\.rec\.p\d+$", str(r["queue_name"])) and r["active"] in (True, "true"):
+            out.setdefault(str(r["queue_name"]), []).append(str(r["consumer_tag"]))
+    return out
+
+
+def connection_node(nodes: LocalCluster, name: str) -> int | None:
+    """The node a client connection called ``name`` is connected to (by its server port)."""
+    rows = json.loads(nodes.ctl(running_node(nodes), "list_connections", "port", "client_properties",
+                                "--formatter", "json") or "[]")
+    for r in rows:
+        props = r["client_properties"]
+        props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
+        if props.get("connection_name") == name:
+            return next(n.number for n in NODES if n.amqp_port == int(r["port"]))
+    return None
+
+
+def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: LocalCluster, hosts: Hosts) -> None:
+    start_pool(hosts)
+    with Load(hosts.url, hosts.prefix, rate=300) as load:
+        load.flow(300)
+        victim, _ = connected(hosts).most_common(1)[0]
+        # Given a node killed under load, its workers moved to the others
+        nodes.kill(victim)
+        hosts.wait_balanced(2, "after the kill", timeout=60)
+        load.flow(300)
+        # When it comes back (and rejoins the cluster)
+        t_back = time.monotonic_ns()
+        nodes.up()
+        hosts.wait_balanced(2, "after the node came back", timeout=60)
+        load.flow(600)
+        # Then every partition has exactly one active consumer, the member ``ctlpool status`` names
+        owners = {p["queue"]: p["owner"] for p in hosts.owners()["controllers"][0]["partitions"]}
+        wait_until(lambda: len(active_consumers(nodes, hosts.prefix)) == PARTITIONS, 30,
+                   what="an active consumer on every partition")
+        active = active_consumers(nodes, hosts.prefix)
+        assert all(len(tags) == 1 for tags in active.values()), active
+        assert {q: [t.removeprefix("ctlpool ") for t in tags] for q, tags in active.items()} == owners
+    records = hosts.check(load)
+    report("a node comes back", records, t_back)
+
+
+def test_stop_app_of_the_node_leading_most_partitions(nodes: LocalCluster, hosts: Hosts) -> None:
+    start_pool(hosts)
+    with Load(hosts.url, hosts.prefix, rate=300) as load:
+        load.flow(600)
+        # Given the node that leads most of the controller's partitions
+        leaders = Counter(node for q, node in nodes.leaders().items() if re.match(rf"{hosts.prefix}\.rec\.p\d+$", q))
+        leader_name, led = leaders.most_common(1)[0]
+        victim = next(n.number for n in NODES if n.name == leader_name)
+        # When its app is stopped (the Erlang VM stays up: connections are closed by the broker)
+        t_stop = time.monotonic_ns()
+        nodes.stop_app(victim)
+        try:
+            # Then the partitions get new leaders, the workers move, and the pool settles
+            hosts.wait_balanced(2, "after stop_app", timeout=60)
+            load.flow(600)
+        finally:
+            nodes.start_app(victim)
+        hosts.wait_balanced(2, "after start_app", timeout=60)
+        load.flow(300)
+    records = hosts.check(load)
+    report(f"stop_app of the node leading {led} of {PARTITIONS} partitions", records, t_stop)
+
+
+def test_rolling_restart_of_every_node_under_load(nodes: LocalCluster, hosts: Hosts) -> None:
+    start_pool(hosts)
+    t0 = time.monotonic_ns()
+    with Load(hosts.url, hosts.prefix, rate=300) as load:
+        load.flow(300)
+        # When each node in turn is restarted (a broker upgrade), the next only once it is back
+        for n in NODES:
+            nodes.restart(n.number)
+            hosts.wait_balanced(2, f"after restarting {n.short}", timeout=90)
+            load.flow(300)
+    # Then nothing was lost or overlapped throughout
+    records = hosts.check(load, drain_timeout=120)
+    report("rolling restart of 3 nodes", records, t0)
+
+
+def consume_all(url: str, queue: str) -> list[tuple[str, bytes]]:
+    """Every message of ``queue``, taken by a consumer (a single-active-consumer quorum queue refuses basic.get)."""
+    from tests.helpers import _connect
+
+    conn = _connect(url)
+    out = []
+    try:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=1000)
+        for method, _props, body in ch.consume(queue, inactivity_timeout=2.0):
+            if method is None:
+                break
+            out.append((method.routing_key, body))
+            ch.basic_ack(method.delivery_tag)
+    finally:
+        conn.close()
+    return out
+
+
+def test_publishers_through_a_node_kill(nodes: LocalCluster, hosts: Hosts, tmp_path: Any) -> None:
+    """``ctlpool publish --batch`` and ``Publisher.publish_many`` lose nothing when their node dies mid-stream."""
+    from tests.helpers import ROOT
+
+    url, prefix = hosts.url, hosts.prefix
+    subprocess.run([sys.executable, "-m", "pool.cli", "topology", "rec", "--partitions", str(PARTITIONS)],
+                   env={**os.environ, "CTLPOOL_AMQP_URL": url, "CTLPOOL_PREFIX": prefix, "PYTHONPATH": str(ROOT)},
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    n_cli, n_lib = 3000, 3000
+    # Given `ctlpool publish --batch` fed slowly on stdin, and a library publisher in a thread
+    cli = subprocess.Popen([sys.executable, "-m", "pool.cli", "publish", "rec", "--batch"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                           env={**os.environ, "CTLPOOL_AMQP_URL": url, "CTLPOOL_PREFIX": prefix,
+                                "PYTHONPATH": str(ROOT)})
+    lib_error: list[BaseException] = []
+    lib_sent = threading.Event()
+
+    def library() -> None:
+        async def go() -> None:
+            async def events() -> Any:
+                for i in range(n_lib):
+                    if i == n_lib // 2:
+                        lib_sent.set()
+                        await asyncio.to_thread(killed.wait, 60)
+                    yield "rec", f"lib{i % 50}", {"n": i // 50 + 1}
+            async with Publisher(url, prefix=prefix, name="test-library-publisher") as pub:
+                await pub.publish_many(events(), window=100, retry_s=60)
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            lib_error.append(exc)
+
+    killed = threading.Event()
+    lib = threading.Thread(target=library)
+    lib.start()
+    assert cli.stdin is not None
+    for i in range(n_cli // 2):
+        cli.stdin.write(f"cli{i % 50}\t{{\"n\": {i // 50 + 1}}}\n".encode())
+    cli.stdin.flush()
+    assert lib_sent.wait(60)
+    wait_until(lambda: connection_node(nodes, "ctlpool-publisher") is not None, 30, what="the CLI connected")
+    # When the node each publisher is connected to is killed mid-stream (one at a time: two nodes down
+    # of three is a lost quorum, where no quorum queue takes anything)
+    cli_node, lib_node = connection_node(nodes, "ctlpool-publisher"), connection_node(nodes, "test-library-publisher")
+    assert cli_node is not None and lib_node is not None
+    nodes.kill(cli_node)
+    if lib_node != cli_node:
+        nodes.up()
+        wait_until(lambda: all(len(q["online"]) == 3 for q in nodes.queues() if str(q["name"]).startswith(prefix)),
+                   60, what="every replica back online")
+        nodes.kill(lib_node)
+    killed.set()
+    rest = "".join(f"cli{i % 50}\t{{\"n\": {i // 50 + 1}}}\n" for i in range(n_cli // 2, n_cli))
+    # Then both finish without an error, and every event is in the queues (at least once)
+    out, err = cli.communicate(rest.encode(), timeout=120)
+    lib.join(120)
+    assert cli.returncode == 0, err.decode()[-2000:]
+    assert not lib_error, lib_error
+    assert f"published {n_cli} events".encode() in out
+    got: Counter[tuple[str, int]] = Counter()
+    for p in range(PARTITIONS):
+        for key, body in consume_all(url, f"{prefix}.rec.p{p:03d}"):
+            got[(key, json.loads(body)["n"])] += 1
+    want = {(f"{w}{i % 50}", i // 50 + 1) for w, n in (("cli", n_cli), ("lib", n_lib)) for i in range(n)}
+    missing = want - set(got)
+    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
+    print(f"[cluster] publishers through a node kill: {sum(got.values())} messages for {len(want)} events "
+          f"({sum(got.values()) - len(want)} sent twice)")
