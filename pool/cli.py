@@ -38,7 +38,7 @@ log = logging.getLogger("ctlpool.cli")
 
 BROKER_OPTS = frozenset({"amqp-url", "amqp-url-file", "tls-ca-file", "tls-cert-file", "tls-key-file", "prefix",
                          "heartbeat-s", "log-format", "log-level"})
-TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s"}
+TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s", "queue-replicas"}
 RUN_OPTS = frozenset(o.name for o in OPTIONS)
 PARKED_ACTIONS = ("list", "show", "replay", "purge")
 START_BROKER_HINT = "start it with: rabbitmq-server -detached  (or: systemctl start rabbitmq-server)"

@@ -69,6 +69,9 @@ class TopologySettings:
     """``quorum`` (replicated, single-active-consumer lock) or ``classic`` (exclusive consumer)."""
     tiers_s: tuple[int, ...] = DEFAULT_TIERS_S
     """TTLs of the delay-tier queues serving retries and ``requeue_after``."""
+    replicas: int = 0
+    """Replicas of each quorum queue (``x-quorum-initial-group-size``); 0: the broker's default
+    (``quorum_cluster_size``, 3: every node of a 3-node cluster, 3 of a 5-node one)."""
     max_deliveries: int = 3
     """An event that was inside a reconcile when its worker died this many times is parked; 1-10,
     half the broker's own ``x-delivery-limit`` backstop (20) at most. Only those deaths count
@@ -322,6 +325,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("partitions", "topology", "partitions", _positive_int, "partition queues per controller (default 64)", "P"),
     Option("queue-type", "topology", "queue_type", _choice("quorum", "classic"), "quorum (default) or classic", "TYPE"),
     Option("tiers-s", "topology", "tiers_s", _tiers, "delay tier TTLs in seconds (default 1,4,16,64,256,1024)", "LIST"),
+    Option("queue-replicas", "topology", "replicas", _int_in(0, 255), "replicas of each quorum queue on a cluster, fixed when declared (default 0: the broker's, 3)", "N"),
     Option("max-deliveries", "topology", "max_deliveries", _int_in(1, MAX_DELIVERIES, f" (half the broker's delivery limit, {BROKER_DELIVERY_LIMIT})"),
            f"park a message after this many unacked deliveries, 1-{MAX_DELIVERIES} (default 3)", "N"),
     Option("prefetch", "worker", "prefetch", _int_in(1, MAX_U16, " (a 16-bit AMQP field)"), "unacked deliveries per partition consumer, 1-65535 (default 50)", "N"),

@@ -34,9 +34,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .amqp import NOT_FOUND, ChannelGone, Connection, connect, plugin_error_or
-from .errors import PluginMissing, TopologyMismatch
+from .errors import BrokerUnavailable, PluginMissing, TopologyMismatch
 from .retries import tier_name
 from .settings import BrokerSettings, TopologySettings
+from .urls import split_urls
 
 # Broker-side backstop for quorum partitions: the worker parks a message after
 # ``max_deliveries`` (default 3); the broker dead-letters to parking after this many, in
@@ -96,10 +97,17 @@ def _quorum_safety() -> dict[str, Any]:
     return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
+def _replicas(topo: TopologySettings) -> dict[str, Any]:
+    if topo.queue_type != "quorum" or not topo.replicas:
+        return {}  # the broker's default group size
+    return {"x-quorum-initial-group-size": topo.replicas}
+
+
 def partition_args(names: Names, topo: TopologySettings) -> dict[str, Any]:
     if topo.queue_type == "classic":
         return {"x-queue-type": "classic"}
     return {
+        **_replicas(topo),
         "x-queue-type": "quorum",
         "x-single-active-consumer": True,  # the broker's lock: one active consumer per partition
         "x-delivery-limit": BROKER_DELIVERY_LIMIT,
@@ -117,6 +125,7 @@ def tier_args(names: Names, topo: TopologySettings, tier_s: int) -> dict[str, An
     }
     if topo.queue_type == "quorum":
         args.update(_quorum_safety())
+        args.update(_replicas(topo))
     return args
 
 
@@ -224,7 +233,7 @@ async def _mismatch(conn: Connection, names: Names, queue: str, exc: ChannelGone
                     found: Survey) -> TopologyMismatch:
     return TopologyMismatch(
         f"queue {queue} exists with other arguments than --queue-type {topo.queue_type} "
-        f"--partitions {topo.partitions} give ({exc.reply_text}); use the settings it was created with"
+        f"--partitions {topo.partitions} --queue-replicas {topo.replicas} give ({exc.reply_text}); use the settings it was created with"
         + await _start_over(conn, names, topo, found))
 
 
@@ -245,8 +254,13 @@ async def _partition_mismatch(conn: Connection, names: Names, queue: str, exc: C
         f"not --queue-type {topo.queue_type}; use --queue-type {other}" + await _start_over(conn, names, topo, found))
 
 
-async def declare_controller(conn: Connection, prefix: str, controller: str, topo: TopologySettings) -> None:
-    """Check then declare one controller's topology on an open connection (see module docstring)."""
+async def declare_controller(conn: Connection, prefix: str, controller: str, topo: TopologySettings,
+                             place: list[Connection] | None = None) -> None:
+    """Check then declare one controller's topology on an open connection (see module docstring).
+
+    ``place``: one connection per node of a cluster. A quorum queue's leader starts on the node
+    its declaration came through (the broker's default, client-local), so each queue that does not
+    exist yet is declared through the next of them in turn: leaders spread evenly over the nodes."""
     names = Names(prefix, controller)
     p = topo.partitions
     found = await survey(conn, names, p)
@@ -257,6 +271,11 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
     # the existing partitions hold, so none of them may stay marked clean
     binding = not (found.exchange and found.completed and len(found.present) == p)
     ch = await conn.channel()
+    placers = [await c.channel() for c in place or ()]
+    turn = iter(range(1 << 30))
+
+    def via(exists: bool) -> Any:  # the channel a queue is declared on
+        return ch if exists or not placers else placers[next(turn) % len(placers)]
     try:
         for i in found.present if binding else ():
             await ch.rpc("exchange_delete", exchange=names.clean_marker(i, p))  # deleting a missing one is ok
@@ -267,7 +286,8 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
         for i in range(p):
             q = names.partition(i, p)
             try:
-                await ch.rpc("queue_declare", queue=q, durable=True, arguments=partition_args(names, topo))
+                await via(i in found.present).rpc("queue_declare", queue=q, durable=True,
+                                                  arguments=partition_args(names, topo))
             except ChannelGone as exc:
                 if exc.reply_code == PRECONDITION_FAILED:
                     raise await _partition_mismatch(conn, names, q, exc, topo, found) from None
@@ -279,23 +299,24 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
             name = names.tier(t)
             await ch.rpc("exchange_declare", exchange=name, exchange_type="fanout", durable=True)
             try:
-                await ch.rpc("queue_declare", queue=name, durable=True, arguments=tier_args(names, topo, t))
+                await via(False).rpc("queue_declare", queue=name, durable=True, arguments=tier_args(names, topo, t))
             except ChannelGone as exc:
                 if exc.reply_code == PRECONDITION_FAILED:
                     raise await _mismatch(conn, names, name, exc, topo, found) from None
                 raise
             await ch.rpc("queue_bind", queue=name, exchange=name, routing_key="")
-        parked_args = {"x-queue-type": topo.queue_type}
+        parked_args = {"x-queue-type": topo.queue_type, **_replicas(topo)}
         try:
             # last: its existence says every partition is bound (see module docstring)
-            await ch.rpc("queue_declare", queue=names.parked, durable=True, arguments=parked_args)
+            await via(False).rpc("queue_declare", queue=names.parked, durable=True, arguments=parked_args)
         except ChannelGone as exc:
             if exc.reply_code == PRECONDITION_FAILED:
                 raise await _mismatch(conn, names, names.parked, exc, topo, found) from None
             raise
         await ch.rpc("exchange_declare", exchange=members_exchange(prefix), exchange_type="fanout", durable=True)
     finally:
-        await ch.close()
+        for c in (ch, *placers):
+            await c.close()
 
 
 async def _mark_new_partitions(conn: Connection, ch: Any, names: Names, partitions: int, found: Survey) -> None:
@@ -323,17 +344,31 @@ async def is_clean(conn: Connection, names: Names, p: int, partitions: int) -> b
 async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> None:
     """Declare every controller's topology on a throwaway connection (see module docstring)."""
     conn = await connect(broker.amqp_url, name="ctlpool-topology", heartbeat_s=broker.heartbeat_s)
+    place = await node_connections(broker)
     try:
         for c in controllers:
             try:
-                await declare_controller(conn, broker.prefix, c, topo)
+                await declare_controller(conn, broker.prefix, c, topo, place)
             except ChannelGone as exc:
                 raise plugin_error_or(exc) from None
     except ChannelGone as exc:  # pragma: no cover - connection dropped mid-way
         raise plugin_error_or(exc) from None
     finally:
-        conn.close()
+        for c in (conn, *place):
+            c.close()
         await asyncio.sleep(0)
+
+
+async def node_connections(broker: BrokerSettings) -> list[Connection]:
+    """A connection to each node of a URL list that answers (none for a single URL)."""
+    nodes = [u.strip() for u in split_urls(broker.amqp_url)]
+    out = []
+    for url in nodes if len(nodes) > 1 else ():
+        try:
+            out.append(await connect(url, name="ctlpool-topology placement", heartbeat_s=broker.heartbeat_s))
+        except BrokerUnavailable:
+            pass  # its share goes to the others
+    return out
 
 
 @dataclass(frozen=True)

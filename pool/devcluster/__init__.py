@@ -349,7 +349,11 @@ class LocalCluster:
     def restart(self, i: int | str, timeout: float = START_TIMEOUT_S) -> None:
         """Stops node ``i`` if it runs, starts it, and waits until it runs and is back in the cluster."""
         if self.state(i) != "down":
-            self.stop(i)
+            try:
+                self.stop(i)
+            except ClusterError as exc:  # a node too busy to answer its stop: kill it
+                self.say(f"{self.node(i).name}: {exc}; killing it")
+                self.kill(i)
         self.start(i, timeout)
         self._wait(f"{self.node(i).name} back in the cluster", lambda: self.in_cluster(i), timeout)
 

@@ -44,6 +44,10 @@ def nodes() -> Iterator[LocalCluster]:
         lc.up()
     except ClusterError as exc:
         pytest.fail(f"the local cluster could not start: {exc}; run: make cluster", pytrace=False)
+    # queues an interrupted earlier run left behind (every quorum queue costs each node a Raft member)
+    left = [str(q["name"]) for q in lc.queues() if re.match(r"c[0-9a-f]{10}x?\.", str(q["name"]))]
+    if left:
+        delete(lc.url_list(), left, [])
     yield lc
     lc.up()  # every node running again for whoever comes next
 
@@ -294,3 +298,30 @@ def test_publishers_through_a_node_kill(nodes: LocalCluster, hosts: Hosts, tmp_p
     assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
     print(f"[cluster] publishers through a node kill: {sum(got.values())} messages for {len(want)} events "
           f"({sum(got.values()) - len(want)} sent twice)")
+
+
+def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster, hosts: Hosts) -> None:
+    from tests.helpers import ROOT
+
+    def topology(prefix: str, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "pool.cli", "topology", "rec", "--partitions", "64", *extra],
+                       env={**os.environ, "CTLPOOL_AMQP_URL": nodes.url_list(), "CTLPOOL_PREFIX": prefix,
+                            "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=True, capture_output=True, timeout=120)
+
+    # When `ctlpool topology` declares 64 partitions (and 6 tiers, 1 parking queue) given the three nodes
+    topology(hosts.prefix)
+    queues = [q for q in nodes.queues() if str(q["name"]).startswith(hosts.prefix + ".")]
+    # Then the partitions' leaders are spread evenly, and every queue has a replica on each node
+    partitions = Counter(str(q["leader"]) for q in queues if re.match(rf"{hosts.prefix}\.rec\.p\d+$", str(q["name"])))
+    print(f"[cluster] partition leaders per node after `ctlpool topology` (64 partitions): {dict(partitions)}")
+    assert set(partitions) == {n.name for n in NODES} and max(partitions.values()) - min(partitions.values()) <= 1
+    assert len(queues) == 71 and all(len(q["members"]) == 3 == len(q["online"]) for q in queues)
+    # and --queue-replicas sets the group size of a new controller's queues
+    other = hosts.prefix + "x"
+    try:
+        topology(other, "--queue-replicas", "2")
+        sizes = {len(q["members"]) for q in nodes.queues() if str(q["name"]).startswith(other + ".")}
+        assert sizes == {2}
+    finally:
+        delete(nodes.url_list(), [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(other + ".")],
+               [])

@@ -43,6 +43,7 @@ BAD_VALUES: dict[str, str] = {
     "partitions": "many",
     "queue-type": "stream",
     "tiers-s": "4,1",
+    "queue-replicas": "256",
     "max-deliveries": "-2",
     "metrics-port": "70000",
     "metrics-host": "two words",
@@ -577,3 +578,14 @@ def test_empty_toml_file_sets_nothing(tmp_path: Path) -> None:
     # Then nothing changes from the defaults
     assert load_toml(str(path)) == {}
     assert settings_from(file=load_toml(str(path))).worker == WorkerSettings()
+
+
+def test_queue_replicas_set_the_quorum_group_size_only_when_given() -> None:
+    from pool.settings import TopologySettings
+    from pool.topology import Names, partition_args, tier_args
+
+    names = Names("ctl", "c")
+    assert "x-quorum-initial-group-size" not in partition_args(names, TopologySettings())  # the broker's default
+    assert partition_args(names, TopologySettings(replicas=5))["x-quorum-initial-group-size"] == 5
+    assert tier_args(names, TopologySettings(replicas=2), 4)["x-quorum-initial-group-size"] == 2
+    assert "x-quorum-initial-group-size" not in partition_args(names, TopologySettings(queue_type="classic", replicas=3))
