@@ -20,6 +20,7 @@ import pika.exceptions
 
 from pool.settings import BrokerSettings, TopologySettings
 from pool.topology import Names, ensure, members_exchange
+from pool.urls import split_urls
 
 from .controllers import NAME
 
@@ -50,6 +51,17 @@ def unique_prefix() -> str:
     return f"b{uuid.uuid4().hex[:10]}"
 
 
+def _blocking(url: str) -> pika.BlockingConnection:
+    """A blocking connection to the first node of ``url`` (one URL or a cluster's list) that answers."""
+    nodes = [u.strip() for u in split_urls(url)]
+    for node in nodes[:-1]:
+        try:
+            return pika.BlockingConnection(pika.URLParameters(node))
+        except pika.exceptions.AMQPConnectionError:
+            pass
+    return pika.BlockingConnection(pika.URLParameters(nodes[-1]))
+
+
 def declare(t: Target) -> None:
     """Declare the bench controller's topology under ``t.prefix`` (idempotent)."""
     asyncio.run(ensure(BrokerSettings(amqp_url=t.url, prefix=t.prefix), t.topology, [NAME]))
@@ -62,7 +74,7 @@ def clean_markers(t: Target) -> list[str]:
 def forget_clean(t: Target) -> None:
     """Delete the partitions' clean markers, as a broker restart does: the pool's ring-drift guard
     then re-routes whatever backlog it finds when it acquires them."""
-    conn = pika.BlockingConnection(pika.URLParameters(t.url))
+    conn = _blocking(t.url)
     try:
         ch = conn.channel()
         for e in clean_markers(t):
@@ -78,7 +90,7 @@ def delete(t: Target) -> None:
     queues = t.partition_queues + [n.tier(s) for s in t.topology.tiers_s] + [n.parked]
     exchanges = [n.exchange, members_exchange(t.prefix)] + [n.tier(s) for s in t.topology.tiers_s]
     exchanges += clean_markers(t)
-    conn = pika.BlockingConnection(pika.URLParameters(t.url))
+    conn = _blocking(t.url)
     try:
         ch = conn.channel()
         for q in queues:
@@ -102,7 +114,7 @@ def delete_or_warn(t: Target) -> None:
 
 def depths(url: str, queues: list[str]) -> dict[str, int]:
     """Ready messages per queue (missing queues count 0)."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = _blocking(url)
     out: dict[str, int] = {}
     try:
         for q in queues:

@@ -74,8 +74,30 @@ def doctor(url: str, fix: bool) -> int:
     return max(_check_node(node.strip(), fix) for node in split_urls(url))
 
 
+def _dev_node(url: str) -> bool:
+    """A node of the local dev cluster (``pool.devcluster``, ``make cluster``)?"""
+    from .devcluster import NODES
+
+    return _local(url) and urlsplit(url).port in {n.amqp_port for n in NODES}
+
+
+def _fix_dev_cluster() -> bool:
+    """``--fix`` for a node of the local cluster: start what is down, join, enable the plugin on every node."""
+    from .devcluster import ClusterError, LocalCluster
+
+    print("cluster: a node of the local cluster; bringing it up: python -m pool.devcluster up")
+    try:
+        LocalCluster().up()
+        return True
+    except ClusterError as exc:
+        print(f"cluster: {exc}")
+        return False
+
+
 def _check_node(url: str, fix: bool) -> int:
     shown = redact_url(url)
+    if fix and _dev_node(url) and (not _reachable(url) or not _plugin_enabled(url)) and not _fix_dev_cluster():
+        return 69
     if not _reachable(url):
         start = _sbin(START_COMMAND)
         if not _local(url):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ AMQP_PORT_BASE = 5680  # node N listens on 5680 + N
 DIST_PORT_BASE = 25680  # node N's inter-node port (the default node's is 25672)
 PLUGIN = "rabbitmq_consistent_hash_exchange"
 SBIN = "/usr/sbin:/usr/lib/rabbitmq/bin:/usr/local/sbin"
+NOFILE = 65536  # each node's file-descriptor limit (RabbitMQ's production advice)
 MARKER = ".ctlpool-devcluster"  # --wipe deletes only a directory holding this file
 START_TIMEOUT_S = 120.0  # three nodes booting at once took ~11 s here
 CTL_TIMEOUT_S = 60.0
@@ -122,6 +124,18 @@ def _pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _room_for_queues() -> None:
+    """In the node's process, before exec: file descriptors for many quorum queues. At the default
+    1024, RabbitMQ 3.10 stops answering AMQP handshakes (and list_queues hangs) near 300 queues
+    (README, broker sizing): a few controllers' worth, which the chaos tests and the bench reach."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
 
 
 def _tool(name: str) -> str:
@@ -306,7 +320,8 @@ class LocalCluster:
         env = clean_environ(node_env(node, self.base, self.erl_args, _rabbitmq_user().pw_dir))
         with open(self.base / "log" / f"{node.short}.start.log", "ab") as log:  # not a pipe: the beam keeps it
             r = subprocess.run([_tool("rabbitmq-server"), "-detached"], stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=log, start_new_session=True, timeout=CTL_TIMEOUT_S, env=env)
+                               stderr=log, start_new_session=True, timeout=CTL_TIMEOUT_S, env=env,
+                               preexec_fn=_room_for_queues)
         if r.returncode != 0:
             raise ClusterError(f"{node.name}: rabbitmq-server exited {r.returncode}; see {log.name}")
 
