@@ -28,6 +28,7 @@ from .controllers import NAME
 
 SPAWN = multiprocessing.get_context("spawn")  # children import what they need; no forked threads
 COUNT_EVERY = 256  # events between updates of the shared progress counter
+RETRY_S = 30.0  # publishers keep re-sending this long without a confirm (bench cluster kills a node mid-run)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def _publisher_main(t: Target, load: Load, index: int, counter: Any, conn: Any, 
             while not go.is_set():
                 await asyncio.sleep(0.002)
             first = clock()
-            sent = await pub.publish_many(paced() if rate else flat_out(), raw=True)
+            # a node lost mid-run (bench cluster's failover): reconnect and re-send what was not confirmed
+            sent = await pub.publish_many(paced() if rate else flat_out(), raw=True, retry_s=RETRY_S)
             return sent, first, clock()
 
     try:

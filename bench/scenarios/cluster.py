@@ -22,10 +22,10 @@ from ..measure import Phase, run_phase
 from ..report import Outcome, median, ratio
 from .common import Options, consumer, guarantees
 
-EVENTS = 60_000  # per side and round: ~10 s of saturation on the 2-core box
+EVENTS = 30_000  # per side and round: 2-7 s of saturation on the 2-core box
 RATE = 1000.0  # paced load (latency, failover)
-DURATION_S = 20.0
-KILL_AFTER_S = 6.0
+DURATION_S = 12.0
+KILL_AFTER_S = 4.0
 
 
 def _consume_node(lc: LocalCluster, prefix: str) -> int | None:

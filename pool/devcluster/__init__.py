@@ -44,7 +44,8 @@ AMQP_PORT_BASE = 5680  # node N listens on 5680 + N
 DIST_PORT_BASE = 25680  # node N's inter-node port (the default node's is 25672)
 PLUGIN = "rabbitmq_consistent_hash_exchange"
 SBIN = "/usr/sbin:/usr/lib/rabbitmq/bin:/usr/local/sbin"
-NOFILE = 65536  # each node's file-descriptor limit (RabbitMQ's production advice)
+INNER_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # what Debian's /usr/sbin wrapper runs via su
+NOFILE = 65536  # each node's file-descriptor limit (RabbitMQ's production advice), or the hard limit if lower
 MARKER = ".ctlpool-devcluster"  # --wipe deletes only a directory holding this file
 START_TIMEOUT_S = 120.0  # three nodes booting at once took ~11 s here
 CTL_TIMEOUT_S = 60.0
@@ -126,16 +127,18 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _room_for_queues() -> None:
-    """In the node's process, before exec: file descriptors for many quorum queues. At the default
-    1024, RabbitMQ 3.10 stops answering AMQP handshakes (and list_queues hangs) near 300 queues
-    (README, broker sizing): a few controllers' worth, which the chaos tests and the bench reach."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+def _as_rabbitmq_with_room() -> None:
+    """In the node's process, before exec: file descriptors for many quorum queues, then the
+    ``rabbitmq`` user. At 1024, RabbitMQ 3.10 stops answering AMQP handshakes (and list_queues
+    hangs) near 300 queues (README, broker sizing): a few controllers' worth, which the chaos
+    tests and the bench reach."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)  # a container may cap the hard one
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    user = _rabbitmq_user()
+    os.initgroups(user.pw_name, user.pw_gid)
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
 
 
 def _tool(name: str) -> str:
@@ -319,9 +322,11 @@ class LocalCluster:
         self.say(f"{node.name}: starting")
         env = clean_environ(node_env(node, self.base, self.erl_args, _rabbitmq_user().pw_dir))
         with open(self.base / "log" / f"{node.short}.start.log", "ab") as log:  # not a pipe: the beam keeps it
-            r = subprocess.run([_tool("rabbitmq-server"), "-detached"], stdin=subprocess.DEVNULL, stdout=log,
+            # the server script itself, as rabbitmq: Debian's wrapper switches user with su, whose
+            # PAM limits would put the file-descriptor limit back to 1024
+            r = subprocess.run([INNER_SERVER, "-detached"], stdin=subprocess.DEVNULL, stdout=log,
                                stderr=log, start_new_session=True, timeout=CTL_TIMEOUT_S, env=env,
-                               preexec_fn=_room_for_queues)
+                               preexec_fn=_as_rabbitmq_with_room)
         if r.returncode != 0:
             raise ClusterError(f"{node.name}: rabbitmq-server exited {r.returncode}; see {log.name}")
 
