@@ -11,8 +11,8 @@ buckets with no completed reconcile after the kill (the gap), with lost and over
 
 from __future__ import annotations
 
-import json
 import threading
+from collections import Counter
 from dataclasses import replace
 
 from pool.devcluster import NODES, LocalCluster
@@ -28,18 +28,10 @@ DURATION_S = 12.0
 KILL_AFTER_S = 4.0
 
 
-def _consume_node(lc: LocalCluster, prefix: str) -> int | None:
-    """The node most of the pool's consume connections use (named ``ctlpool <member> consume``)."""
-    rows = json.loads(lc.ctl(next(n.number for n in NODES if lc.is_running(n.number)), "list_connections", "port",
-                             "client_properties", "--formatter", "json") or "[]")
-    ports: dict[int, int] = {}
-    for r in rows:
-        props = r["client_properties"]
-        props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
-        if str(props.get("connection_name", "")).endswith(" consume"):
-            ports[int(r["port"])] = ports.get(int(r["port"]), 0) + 1
-    port = max(ports, key=lambda k: ports[k]) if ports else None
-    return next((n.number for n in NODES if n.amqp_port == port), None)
+def _consume_node(lc: LocalCluster) -> int | None:
+    """The node most of the pool's consume connections (``ctlpool <member> consume``) use."""
+    used = Counter(node for node, name in lc.connections() if name.endswith(" consume"))
+    return used.most_common(1)[0][0] if used else None
 
 
 def _gap_s(ph: Phase, after_s: float) -> float:
@@ -67,7 +59,7 @@ def cluster(opts: Options) -> Outcome:
     killed: list[int] = []
     with consumer("pool", sides["cluster"], name="cluster-failover") as (c, t):
         def kill() -> None:
-            node = _consume_node(lc, t.prefix)
+            node = _consume_node(lc)
             if node is not None:
                 lc.kill(node)
                 killed.append(node)

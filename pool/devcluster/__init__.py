@@ -274,6 +274,22 @@ class LocalCluster:
         columns = ("name", "type", "state", "leader", "members", "online")
         return json.loads(self.ctl(first, "list_queues", "-p", vhost, *columns, "--formatter", "json") or "[]")
 
+    def connections(self) -> list[tuple[int, str]]:
+        """(node number, client-given connection name) of every AMQP connection to the cluster."""
+        first = next((n.number for n in self.nodes if self.is_running(n.number)), None)
+        if first is None:
+            raise ClusterError("no node of the cluster runs")
+        rows = json.loads(self.ctl(first, "list_connections", "port", "client_properties", "--formatter", "json")
+                          or "[]")
+        out = []
+        for r in rows:
+            props = r["client_properties"]  # a JSON object, or [[key, type, value], ...]
+            props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
+            node = next((n.number for n in self.nodes if n.amqp_port == int(r["port"])), None)
+            if node is not None:
+                out.append((node, str(props.get("connection_name", ""))))
+        return out
+
     def leaders(self, vhost: str = "/") -> dict[str, str]:
         """Quorum queue name -> the node its leader runs on (classic queues have no leader to show)."""
         return {str(q["name"]): str(q["leader"]) for q in self.queues(vhost) if q.get("leader")}

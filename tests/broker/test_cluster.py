@@ -137,15 +137,8 @@ def active_consumers(nodes: LocalCluster, prefix: str) -> dict[str, list[str]]:
 
 
 def connection_node(nodes: LocalCluster, name: str) -> int | None:
-    """The node a client connection called ``name`` is connected to (by its server port)."""
-    rows = json.loads(nodes.ctl(running_node(nodes), "list_connections", "port", "client_properties",
-                                "--formatter", "json") or "[]")
-    for r in rows:
-        props = r["client_properties"]
-        props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
-        if props.get("connection_name") == name:
-            return next(n.number for n in NODES if n.amqp_port == int(r["port"]))
-    return None
+    """The node a client connection called ``name`` is connected to."""
+    return next((node for node, conn in nodes.connections() if conn == name), None)
 
 
 def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: LocalCluster, hosts: Hosts) -> None:
