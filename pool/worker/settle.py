@@ -132,10 +132,8 @@ class Settler:
 
     def reroute(self, d: Delivery) -> asyncio.Future[None]:
         """Send a decoded delivery back through its controller's exchange (a release's prefetched rest)."""
-        headers = codec.clean_headers(d.headers)
-        if d.redeliveries:
-            headers[codec.H_REDELIVERIES] = d.redeliveries
-        return self.publish_then_ack([d], d.part.ctl.exchange, d.key, d.body, headers, d.content_type)
+        return self.publish_then_ack([d], d.part.ctl.exchange, d.key, d.body,
+                                     carried_headers(d.headers, d.redeliveries), d.content_type)
 
     def hop(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes, delay_s: float,
             redeliveries: int) -> None:
@@ -201,8 +199,7 @@ class Settler:
         else:
             self._stats.requeued += 1
         # the latest event rides the delay tiers; every covered delivery is acked on its confirm
-        headers = codec.clean_headers(last.headers)
-        headers.pop(codec.H_REDELIVERIES, None)
+        headers = carried_headers(last.headers, 0)  # a retry starts its own death count
         headers[codec.H_ATTEMPT] = decision.attempt  # 0 for a requeue_after
         exchange = self.delay_via(ctl, decision.seconds, headers)
         await self.publish_then_ack(items, exchange, key, last.body, headers, last.content_type)

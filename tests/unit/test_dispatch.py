@@ -116,16 +116,8 @@ def test_a_multiple_ack_never_covers_unfinished_work(seed):
                 covered = set(range(1, acked + 1)) if multiple else {acked}
                 assert covered <= finished, (acked, multiple, sorted(finished))
         # and every delivery is acked, exactly once
-        await until(lambda: sorted(acked_tags(rig.wire.acks())) == list(range(1, 13)), "each acked once")
+        await until(lambda: sorted(rig.wire.acked_tags()) == list(range(1, 13)), "each acked once")
     run(main)
-
-
-def acked_tags(frames: list[tuple[int, bool]]) -> list[int]:
-    """The tags ack frames name (a multiple ack: every tag up to it not acked before)."""
-    tags: list[int] = []
-    for acked, multiple in frames:
-        tags += [t for t in range(1, acked + 1) if t not in tags] if multiple else [acked]
-    return tags
 
 
 def test_a_reconcile_past_its_timeout_is_cancelled_by_the_clock_and_retried():
@@ -166,6 +158,6 @@ def test_events_for_a_running_key_collapse_into_one_follow_up():
         assert ctl.started == ["a"]  # never two at once for one key
         ctl.gate("a").set()
         await until(lambda: ctl.started == ["a", "a"], "one follow-up")
-        await until(lambda: sorted(acked_tags(rig.wire.acks())) == [1, 2, 3], "all three acked")
+        await until(lambda: sorted(rig.wire.acked_tags()) == [1, 2, 3], "all three acked")
         assert rig.wire.acks() == [(1, False), (3, True)]  # the follow-up's two in one frame
     run(main)

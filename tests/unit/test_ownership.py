@@ -7,7 +7,7 @@ import asyncio
 from types import SimpleNamespace
 
 from pool import codec
-from tests.unit.test_dispatch import Gated, acked_tags, run
+from tests.unit.test_dispatch import Gated, run
 from tests.unit.worker_fakes import Rig, turns, until
 
 
@@ -35,7 +35,7 @@ def test_release_waits_for_work_in_flight_before_closing_the_channel():
         # and both were acked (the re-route on its confirm) before the channel closed
         closed_at = rig.wire.index("close", part.queue)
         assert rig.wire.index("confirm", 1) < closed_at
-        assert sorted(acked_tags([(e[1], e[2]) for e in rig.wire.log[:closed_at] if e[0] == "ack"])) == [1, 2]
+        assert sorted(rig.wire.acked_tags(before=closed_at)) == [1, 2]
         assert (0, 0) not in rig.ownership.parts
     run(main)
 
@@ -59,7 +59,7 @@ def test_deliveries_arriving_during_a_release_are_rerouted_not_reconciled():
         assert [(p.exchange, p.key) for p in rig.wire.published] == [("ctl.gated", "b"), ("ctl.gated", "c")]
         assert rig.wire.published[1].headers[codec.H_REDELIVERIES] == 1  # the death count travels
         closed_at = rig.wire.index("close", part.queue)
-        assert sorted(acked_tags([(e[1], e[2]) for e in rig.wire.log[:closed_at] if e[0] == "ack"])) == [1, 2, 3]
+        assert sorted(rig.wire.acked_tags(before=closed_at)) == [1, 2, 3]
     run(main)
 
 

@@ -28,8 +28,16 @@ class Wire:
         self.pending: dict[int, asyncio.Future[None]] = {}
         self.published: list[SimpleNamespace] = []
 
-    def acks(self) -> list[tuple[int, bool]]:
-        return [(e[1], e[2]) for e in self.log if e[0] == "ack"]
+    def acks(self, before: int | None = None) -> list[tuple[int, bool]]:
+        """Ack frames sent, as (tag, multiple); ``before``: only those logged before that index."""
+        return [(e[1], e[2]) for e in self.log[:before] if e[0] == "ack"]
+
+    def acked_tags(self, before: int | None = None) -> list[int]:
+        """The tags the ack frames name (a multiple ack: every tag up to it not acked before)."""
+        tags: list[int] = []
+        for acked, multiple in self.acks(before):
+            tags += [t for t in range(1, acked + 1) if t not in tags] if multiple else [acked]
+        return tags
 
     def confirm(self, seq: int | None = None) -> None:
         """The broker confirms publish ``seq`` (default: all unconfirmed)."""
