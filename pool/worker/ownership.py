@@ -161,6 +161,14 @@ class Ownership:
         conn = session.consume
         part = Partition(ctl, index, ctl.names.partition(index, self._partitions))
         self.parts[(ctl.index, index)] = part
+        part.acquiring = asyncio.current_task()
+        try:
+            await self._acquire(conn, session, part)
+        finally:
+            part.acquiring = None
+
+    async def _acquire(self, conn: Any, session: Session, part: Partition) -> None:
+        ctl, index = part.ctl, part.index
         while not part.releasing:
             ch = await conn.channel()
             await ch.rpc("basic_qos", prefetch_count=self._settings.worker.prefetch)
@@ -172,6 +180,8 @@ class Ownership:
                              and not await is_clean(conn, ctl.names, index, self._partitions))
             part.held = [] if part.guarding else None  # hold deliveries until the guard window is known
             part.acquired_at = self._clock()
+            if part.releasing:
+                return  # released while we were opening it: the release closes the channel, unused
             try:
                 # the tag names us: ``rabbitmqctl list_consumers`` shows which member holds a partition
                 await ch.consume(part.queue, lambda c, m, pr, b, ch=ch: self._intake.on_message(part, ch, m, pr, b),
@@ -219,6 +229,11 @@ class Ownership:
     async def release(self, part: Partition) -> None:
         """Stop dispatching, wait for in-flight reconciles, re-route the prefetched rest, close the channel."""
         part.releasing = True
+        acquiring = part.acquiring
+        if acquiring is not None and acquiring is not asyncio.current_task():
+            # let it finish (or stop short of subscribing) first: a release that saw no channel yet
+            # would leave the channel opened a moment later consuming, owned by nobody
+            await asyncio.wait({acquiring})
         if part.held is None:
             part.held = []
         queued = self._dispatch.withdraw(part)

@@ -39,7 +39,7 @@ class Partition:
     """One partition queue this worker consumes (or is acquiring / releasing)."""
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
-                 "releasing", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks")
+                 "releasing", "acquiring", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks")
 
     def __init__(self, ctl: Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -56,6 +56,7 @@ class Partition:
         self.idle = asyncio.Event()
         self.idle.set()
         self.releasing = False
+        self.acquiring: asyncio.Task[None] | None = None  # the acquisition in progress (a release waits for it)
         self.acquired_at = 0.0
         self.rerouted = 0
         self.unacked = 0  # deliveries received and not yet acked (shown by ``ctlpool status``)

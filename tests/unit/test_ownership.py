@@ -63,6 +63,32 @@ def test_deliveries_arriving_during_a_release_are_rerouted_not_reconciled():
     run(main)
 
 
+def test_a_release_during_the_acquisition_leaves_no_consumer_behind():
+    async def main() -> None:
+        ctl = Gated()
+        # Given an acquisition waiting for the broker (basic.qos not answered yet)
+        rig = Rig(ctl, clean=False, auto_confirm=True)
+        qos: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rig.conn.answers["basic_qos"] = qos
+        rig.conn.answers["queue_declare"] = SimpleNamespace(method=SimpleNamespace(message_count=0, consumer_count=1))
+        acquiring = asyncio.ensure_future(rig.ownership.acquire(rig.ctl, 0))
+        await until(lambda: ("rpc", "basic_qos", None) in rig.wire.log, "acquisition under way")
+        part = rig.ownership.parts[(0, 0)]
+        # When the assignment moves the partition away before the channel is ready (a peer joined)
+        release = asyncio.ensure_future(rig.ownership.release(part))
+        await turns()
+        qos.set_result(None)
+        await until(lambda: release.done() and acquiring.done(), "release and acquisition finished")
+        release.result()
+        # Then no channel is left consuming the partition: a consumer nobody owns would hold a
+        # prefetch of deliveries forever (seen in CI: 50 unacked, the partition stalled)
+        consumed = [c for c in rig.conn.channels if c.on_message is not None]
+        assert all(not c.is_open for c in consumed)
+        assert all(not c.is_open for c in rig.conn.channels if c.queue == part.queue or c is part.ch)
+        assert (0, 0) not in rig.ownership.parts and part.ch is not None and not part.ch.is_open
+    run(main)
+
+
 def test_the_guard_reroutes_exactly_the_backlog_present_at_acquisition():
     async def main() -> None:
         ctl = Gated()
