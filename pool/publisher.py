@@ -79,7 +79,9 @@ class Publisher:
     ) -> int:
         """Pipeline (controller, key, payload) triples; ``raw`` payloads are bytes already. Returns the count.
 
-        Raises on the first failed confirm, after waiting for the rest in flight. With
+        Raises on the first failed confirm, after waiting for the rest in flight; an error
+        raised by ``events`` itself (bad input) is raised once everything sent before it is
+        confirmed, so the caller knows all before it got in. With
         ``retry_s`` > 0, a lost connection (its node died, a flap) or a nack (a quorum queue
         without a leader for a moment) is not a failure while the broker confirmed something
         within the last ``retry_s``: the publisher reconnects, to the next node of a cluster's
@@ -146,13 +148,30 @@ class Publisher:
                 for e in events:  # type: ignore[union-attr]
                     yield e
 
-        async for item in items():
-            send(sent, item)
-            sent += 1
-            if len(pending) >= window:
-                await settle(window // 2)
-        await settle(0)
+        source = items().__aiter__()
+        try:
+            while True:
+                try:
+                    item = await source.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    await settle(0)  # bad input: what was sent before it is confirmed (or fails) first
+                    raise
+                send(sent, item)
+                sent += 1
+                if len(pending) >= window:
+                    await settle(window // 2)
+            await settle(0)
+        finally:
+            for f in pending:  # left by a cancel, or by an error raised above: that error is the answer
+                f.add_done_callback(_retrieve)
         return sent
+
+
+def _retrieve(f: asyncio.Future[None]) -> None:
+    if not f.cancelled():
+        f.exception()
 
 
 class BlockingPublisher:

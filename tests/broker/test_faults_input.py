@@ -125,6 +125,22 @@ def test_publish_batch_with_a_key_amqp_cannot_carry_is_one_line(amqp_url, prefix
 
 
 @pytest.mark.timeout(60)
+def test_publish_batch_stopped_by_a_bad_line_confirms_every_line_before_it(amqp_url, prefix):
+    # Given a controller's topology, and 3,000 good lines before a bad one (more than one
+    # window: confirms are still in flight when the bad line is read)
+    ensure_topology(amqp_url, prefix)
+    good = 3000
+    stdin = b"".join(b"k%d\t{}\n" % i for i in range(good)) + b"\t{}\n"
+    # When ctlpool publish --batch reads it
+    r = cli(amqp_url, "publish", "rec", "--batch", "--prefix", prefix, stdin=stdin)
+    # Then it stops with exit 2 and one line (no unretrieved confirm noise from the closed connection)...
+    assert r.returncode == 2, r.stderr.decode()
+    assert r.stderr.decode().splitlines() == [f"ctlpool: error: stdin line {good + 1}: empty KEY"]
+    # ...and only after the broker confirmed every line before the bad one
+    assert sum(queue_depth(amqp_url, f"{prefix}.rec.p{i:03d}") for i in range(PARTITIONS)) == good
+
+
+@pytest.mark.timeout(60)
 def test_doctor_on_a_list_of_urls_prints_no_password(amqp_url):
     # Given a node list: the real broker, then the same broker with a wrong password
     scheme, _, rest = amqp_url.partition("://")
