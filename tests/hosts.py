@@ -76,6 +76,15 @@ class Hosts:
         print(f"[timing] {what}: balanced after {took:.1f}s")
         return took
 
+    def warnings(self, last: int = 40) -> str:
+        """The last warnings and errors the hosts logged, oldest first (for a failure's message)."""
+        lines = []
+        for log in sorted(self.tmp.glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if not line.startswith('{"ts"') or '"level":"warning"' in line or '"level":"error"' in line:
+                    lines.append(f"{log.stem}: {line[:400]}")
+        return "\n".join(lines[-last:])
+
     def check(self, load: Load, drain_timeout: float = 90) -> list[dict[str, Any]]:
         try:
             wait_until(lambda: backlog(self.url, self.prefix, partitions=self.partitions) == 0, drain_timeout,
@@ -85,7 +94,8 @@ class Hosts:
                                   "messages_unacknowledged", "consumers"], capture_output=True, text=True, timeout=60)
             stuck = [line for line in out.stdout.splitlines() if line.startswith(self.prefix)
                      and line.split()[1:3] != ["0", "0"]]
-            raise AssertionError(f"{exc}; queues holding messages (ready, unacked, consumers): {stuck}") from None
+            raise AssertionError(f"{exc}; queues holding messages (ready, unacked, consumers): {stuck}; "
+                                 f"the hosts' last warnings:\n{self.warnings()}") from None
         for node in list(self.hosts):
             self.stop(node)
         records = read_records(str(self.rec))
