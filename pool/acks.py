@@ -34,13 +34,15 @@ class AckBatch:
         self._done.add(tag)
         return len(self._done) == 1
 
-    def forget(self, tag: int) -> None:
-        """``tag`` was settled another way (nacked back to its queue, sent at once): no ack may name it."""
+    def forget(self, tag: int) -> bool:
+        """``tag`` is settled another way (nacked back to its queue): no ack may name it. False
+        when it was acked already (then it must not be nacked either)."""
         self._done.discard(tag)
         try:
             self._outstanding.remove(tag)
+            return True
         except ValueError:
-            pass
+            return False
 
     def flush(self) -> list[tuple[int, bool]]:
         """``(tag, multiple)`` frames acking exactly the tags asked for since the last flush."""
@@ -55,7 +57,10 @@ class AckBatch:
         if run:
             frames.append((last, run > 1))
         for tag in sorted(done):
-            out.remove(tag)
+            try:
+                out.remove(tag)
+            except ValueError:
+                continue  # settled already (acked, or forgotten and nacked): a second ack would close the channel
             frames.append((tag, False))
         done.clear()
         return frames

@@ -410,6 +410,11 @@ class ConfirmChannel:
     def unconfirmed(self) -> int:
         return len(self._waiting)
 
+    @property
+    def oldest_unconfirmed(self) -> int | None:
+        """The sequence number of the oldest publish still waiting for its confirm."""
+        return next(iter(self._waiting), None)
+
     def _on_return(self, _ch: Any, method: Any, properties: Any, _body: bytes) -> None:
         seq = (properties.headers or {}).get(H_SEQ)
         if isinstance(seq, int):

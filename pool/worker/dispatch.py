@@ -182,8 +182,14 @@ class Dispatch:
                 result = "success"
             else:
                 result = await self._settler.settle(ctl, key, items, decision)
-        except (asyncio.CancelledError, ChannelGone):
-            pass  # connection lost, fenced or shutting down: deliveries go back to the broker unacked
+        except (asyncio.CancelledError, ChannelGone) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task in self._timed_out and self.running:
+                # its deadline passed while its retry or park waited for a confirm: give the event back
+                task.uncancel()  # type: ignore[union-attr]
+                for d in items:
+                    self._settler.return_later(d.part, d.ch, d.tag)
+            # else: connection lost, fenced or shutting down: deliveries go back to the broker unacked
         except Exception as exc:  # noqa: BLE001 - a park/retry publish was refused: the broker keeps the event
             log.error("could not settle the reconcile: %s: %s", type(exc).__name__, exc,
                       extra={"worker": self._worker, "controller": ctl.name, "key": key})

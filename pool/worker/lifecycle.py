@@ -172,6 +172,8 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             ownership.heartbeat()
+            if self._session is not None:
+                self._session.check_confirms(self.clock())
             dispatch.expire()
             intake.forget_blame()
             ownership.tick()

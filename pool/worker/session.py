@@ -7,7 +7,7 @@ and a blocked consume connection could not even be closed). Before any partition
 the lease starts (``pool.fence``): renewed by every socket read of the consume connection,
 where our own heartbeats echo back every interval. ``lost`` resolves with the reason when any
 part of the session fails (a connection or the confirm channel closes, a partition loses its
-consumer, the lease runs out); ``Worker`` then cancels everything and opens a new session
+consumer, the lease runs out, a publish goes unconfirmed for ``CONFIRM_STALL_S``); ``Worker`` then cancels everything and opens a new session
 after ``Backoff``'s delay.
 """
 
@@ -21,6 +21,7 @@ from ..fence import LEASE_FRACTION, Lease
 from ..settings import BrokerSettings
 from ..topology import members_exchange
 
+CONFIRM_STALL_S = 120.0  # a publish unconfirmed this long (the broker not blocking us) ends the session
 RECONNECT_FIRST_S = 0.5  # first reconnect delay; doubles up to broker.reconnect_max_s
 JITTER = 0.2  # ±20% on reconnect delays, so a fleet doesn't reconnect in lockstep
 
@@ -59,6 +60,8 @@ class Session:
         self.heartbeats = heartbeats
         self.lease = lease
         self.lost = lost
+        self._oldest: int | None = None  # the oldest unconfirmed publish seen by check_confirms...
+        self._oldest_since = 0.0  # ...and since when
 
     @classmethod
     async def open(cls, broker: BrokerSettings, member_id: str, *, on_heartbeat: Callable[..., None],
@@ -86,6 +89,16 @@ class Session:
         """End the session the way a connection loss does (first reason wins)."""
         if not self.lost.done():
             self.lost.set_result(ChannelGone(0, why))
+
+    def check_confirms(self, now: float) -> None:
+        """Every tick: a publish the broker has not confirmed for ``CONFIRM_STALL_S`` (while not
+        blocking the connection for an alarm) ends the session: the deliveries waiting on it go
+        back to the broker and come again, rather than sit unacked in a stalled partition."""
+        oldest = self.pub.oldest_unconfirmed
+        if oldest != self._oldest or self.publish.blocked:
+            self._oldest, self._oldest_since = oldest, now
+        elif oldest is not None and now - self._oldest_since > CONFIRM_STALL_S:
+            self.lose(f"a publish got no confirm from the broker in {CONFIRM_STALL_S:.0f}s")
 
     async def until_lost(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set; raise ``ChannelGone`` when the session fails first."""

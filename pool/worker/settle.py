@@ -76,8 +76,7 @@ class Settler:
                   SETTLE_RETRY_S, extra={"worker": self._worker, "controller": part.ctl.name})
 
         def back() -> None:
-            if ch is part.ch and ch.is_open:
-                part.acks.forget(tag)
+            if ch is part.ch and ch.is_open and part.acks.forget(tag):  # not acked meanwhile (a late confirm)
                 part.unacked -= 1
                 ch.raw.basic_nack(tag, multiple=False, requeue=True)
         self._loop.call_later(SETTLE_RETRY_S, back)

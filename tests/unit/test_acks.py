@@ -81,3 +81,20 @@ def test_deliveries_held_then_replayed_are_recorded_once():
         b.done(t)
     assert b.flush() == [(3, True)]
     assert len(b) == 0
+
+
+def test_a_tag_settled_twice_is_acked_once_and_not_nacked_after() -> None:
+    # Given a tag acked (flushed), then asked to ack again (a late confirm after it was settled)
+    b = AckBatch()
+    for t in (1, 2):
+        b.delivered(t)
+    b.done(1)
+    assert b.flush() == [(1, False)]
+    b.done(1)
+    # Then no second frame names it (the broker closes the channel on an unknown tag)
+    assert b.flush() == []
+    # and a tag nacked back (forgotten) is not acked when its confirm comes late; one acked already can't be nacked
+    assert b.forget(2) is True
+    b.done(2)
+    assert b.flush() == []
+    assert b.forget(1) is False

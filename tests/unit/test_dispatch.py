@@ -145,6 +145,35 @@ def test_a_reconcile_past_its_timeout_is_cancelled_by_the_clock_and_retried():
     run(main)
 
 
+def test_a_deadline_passing_while_the_retry_awaits_its_confirm_gives_the_event_back(monkeypatch):
+    from pool.worker import settle
+
+    monkeypatch.setattr(settle, "SETTLE_RETRY_S", 0.0)
+
+    async def main() -> None:
+        ctl = Gated()
+        rig = Rig(ctl, **{"reconcile-timeout-s": 30})
+        part, ch = await rig.partition()
+        ch.deliver(1, "a")
+        await until(lambda: ctl.started, "started")
+        # Given a reconcile that failed (timed out) and whose retry the broker has not confirmed
+        rig.clock.now += 31.0
+        rig.dispatch.expire()
+        await until(lambda: rig.wire.published, "the retry")
+        # When its task is cancelled once more by the deadline (an expire that lands in the settle)
+        task = next(iter(rig.dispatch._tasks))
+        rig.dispatch._timed_out.add(task)
+        task.cancel()
+        # Then the delivery is not left unacked forever: it goes back to its queue...
+        await until(lambda: ("nack", 1) in rig.wire.log, "nacked back")
+        assert rig.wire.acks() == [] and rig.dispatch.in_flight == 0
+        # ...and a late confirm of the retry acks nothing (a second settle of tag 1 would close the channel)
+        rig.wire.confirm()
+        await turns()
+        assert rig.wire.acks() == []
+    run(main)
+
+
 def test_events_for_a_running_key_collapse_into_one_follow_up():
     async def main() -> None:
         ctl = Gated()

@@ -43,7 +43,9 @@ class Wire:
         """The broker confirms publish ``seq`` (default: all unconfirmed)."""
         for s in ([seq] if seq is not None else sorted(self.pending)):
             self.log.append(("confirm", s))
-            self.pending.pop(s).set_result(None)
+            fut = self.pending.pop(s)
+            if not fut.done():  # a publish whose awaiting reconcile was cancelled (as ConfirmChannel does)
+                fut.set_result(None)
 
     def index(self, *event: Any) -> int:
         return self.log.index(event)
