@@ -39,7 +39,9 @@ log = logging.getLogger("ctlpool.cli")
 BROKER_OPTS = frozenset({"amqp-url", "amqp-url-file", "tls-ca-file", "tls-cert-file", "tls-key-file", "prefix",
                          "heartbeat-s", "log-format", "log-level"})
 TOPOLOGY_OPTS = BROKER_OPTS | {"partitions", "queue-type", "tiers-s", "queue-replicas"}
-RUN_OPTS = frozenset(o.name for o in OPTIONS)
+STATUS_OPTS = TOPOLOGY_OPTS | {"admin-node"}
+DOCTOR_OPTS = BROKER_OPTS | {"admin-node"}
+RUN_OPTS = frozenset(o.name for o in OPTIONS) - {"admin-node"}
 PARKED_ACTIONS = ("list", "show", "replay", "purge")
 START_BROKER_HINT = "start it with: rabbitmq-server -detached  (or: systemctl start rabbitmq-server)"
 PUBLISH_RETRY_S = 60.0  # publish --batch: how long it keeps re-sending with no confirm from the broker
@@ -102,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--listen-s", type=_arg(seconds()), default=2.5, metavar="S",
                     help="how long to listen for heartbeats (default 2.5)")
-    _add_options(st, TOPOLOGY_OPTS)
+    _add_options(st, STATUS_OPTS)
 
     doc = sub.add_parser("doctor", help="check the broker and the consistent-hash plugin (--fix: start/enable locally)")
     doc.add_argument("--fix", action="store_true", help="start a local broker that is installed but stopped; enable the plugin")
-    _add_options(doc, BROKER_OPTS)
+    _add_options(doc, DOCTOR_OPTS)
 
     park = sub.add_parser("parked", help="list, show, replay or purge a controller's parked events",
                           description="Replay republishes through the controller's exchange with confirms and only "
@@ -188,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from .doctor import doctor
 
-            return doctor(settings_from(args, BROKER_OPTS).broker.amqp_url, args.fix)
+            b = settings_from(args, DOCTOR_OPTS).broker
+            return doctor(b.amqp_url, args.fix, admin_node=b.admin_node, prefix=b.prefix)
         if args.command == "demo":
             from controllers.demo import run_demo
 
@@ -330,8 +333,9 @@ async def _check_controller(pub: Any, controller: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    settings = settings_from(args, TOPOLOGY_OPTS)
-    snap = asyncio.run(collect(settings.broker, settings.topology, args.controller or None, args.listen_s))
+    settings = settings_from(args, STATUS_OPTS)
+    snap = asyncio.run(collect(settings.broker, settings.topology, args.controller or None, args.listen_s,
+                               replicas=True))
     print(_json(snap) if args.json else render(snap))
     return 0
 

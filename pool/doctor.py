@@ -6,8 +6,9 @@ wait for it; not installed -> print the install command. Then probe the plugin b
 a throwaway ``x-consistent-hash`` exchange on a throwaway connection (a missing plugin
 closes the whole connection on 3.10, DESIGN fact 7) -> with ``--fix`` enable it
 (``rabbitmq-plugins enable``, no restart needed). Each step prints one line. A comma-separated
-list of URLs (a cluster) is checked node by node: the plugin must be on every node. URLs are
-printed only through ``redact_url``.
+list of URLs (a cluster) is checked node by node: the plugin must be on every node; then the
+cluster's nodes and any of our quorum queues with replicas offline are listed (``pool.replicas``,
+through rabbitmqctl; warnings only). URLs are printed only through ``redact_url``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import pika
 import pika.exceptions
 
+from . import replicas
 from .amqp import url_parameters
 from .errors import PluginMissing
 from .urls import redact_url, split_urls
@@ -69,9 +71,32 @@ def _sbin(cmd: list[str]) -> list[str] | None:
     return [exe, *cmd[1:]] if exe else None
 
 
-def doctor(url: str, fix: bool) -> int:
+def doctor(url: str, fix: bool, admin_node: str | None = None, prefix: str = "ctl") -> int:
     """Returns 0 when the broker (every node of a list) is usable, 69 (EX_UNAVAILABLE) when not."""
-    return max(_check_node(node.strip(), fix) for node in split_urls(url))
+    worst = max(_check_node(node.strip(), fix) for node in split_urls(url))
+    if len(split_urls(url)) > 1 or admin_node:
+        _check_cluster(url, admin_node, prefix)
+    return worst
+
+
+def _check_cluster(url: str, admin_node: str | None, prefix: str) -> None:
+    """A cluster: its nodes, and our quorum queues with replicas offline (warnings: the broker still serves)."""
+    try:
+        nodes = replicas.nodes(admin_node, url)
+        queues = replicas.read(admin_node, url)
+    except replicas.Unavailable as exc:
+        print(f"cluster: not checked: {exc}")
+        return
+    print(f"cluster: {len(nodes.running)} nodes running: {', '.join(nodes.running)}"
+          + (f"; NOT RUNNING: {', '.join(nodes.stopped)}" if nodes.stopped else ""))
+    under = replicas.under_replicated(queues, prefix)
+    ours = sum(1 for q in queues if q.startswith(prefix + "."))
+    if under:
+        print(f"replicas: WARNING: {len(under)} of {ours} quorum queues under {prefix}. have replicas offline "
+              f"(online/members): {', '.join(under[:8])}{' ...' if len(under) > 8 else ''}; "
+              "bring the nodes back (rabbitmqctl -n NODE start_app)")
+    else:
+        print(f"replicas: all {ours} quorum queues under {prefix}. have every replica online")
 
 
 def _dev_node(url: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import tempfile
 import tomllib
@@ -57,6 +58,8 @@ class BrokerSettings:
     """PEM client certificate for ``amqps://`` (may hold the key too); for brokers that require one."""
     tls_key_file: str | None = None
     """PEM private key of ``tls_cert_file`` when it is a separate file."""
+    admin_node: str | None = None
+    """``ctlpool status`` / ``doctor``: the node ``rabbitmqctl -n`` asks where queues are led (``pool.replicas``)."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,13 @@ def _name(v: Any) -> str:
     return s
 
 
+def _erlang_node(v: Any) -> str:
+    s = str(v).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+", s):
+        raise ValueError("expected an Erlang node name, NAME@HOST (e.g. rabbit@mq1)")
+    return s
+
+
 def _controllers(v: Any) -> tuple[str, ...]:
     items = v if isinstance(v, list) else str(v).split(",")
     refs = tuple(str(i).strip() for i in items if str(i).strip())
@@ -318,6 +328,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("amqp-url", "broker", "amqp_url", parse_urls, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
     Option("amqp-url-file", "broker", "amqp_url", read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
     Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
+    Option("admin-node", "broker", "admin_node", _erlang_node, "status, doctor: the RabbitMQ node rabbitmqctl asks for queue leaders and replicas (needs the cluster's Erlang cookie; default: this host's)", "NODE"),
     Option("tls-ca-file", "broker", "tls_ca_file", _readable_file, "amqps://: CA bundle (PEM) to verify the broker with (default: system CAs)", "FILE"),
     Option("tls-cert-file", "broker", "tls_cert_file", _readable_file, "amqps://: client certificate (PEM) for brokers that require one", "FILE"),
     Option("tls-key-file", "broker", "tls_key_file", _readable_file, "amqps://: private key (PEM) of --tls-cert-file, if a separate file", "FILE"),

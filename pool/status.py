@@ -2,7 +2,8 @@
 
 Data flow: bind a private queue to ``ctl.members``, listen for a few heartbeat intervals
 (every live worker announces itself, with the partitions it consumes and their unacked
-counts), then read each partition's ready count with a passive declare. Owners are what
+counts), then read each partition's ready count with a passive declare, and (quorum queues)
+where it is led and how many replicas are online from ``pool.replicas``. Owners are what
 the members themselves report, not a prediction, so a handover in progress shows up as
 it is (a partition with no owner for a moment, or one listed twice while the broker's
 single-consumer lock decides). Anyone who may publish to ``ctl.members`` writes the names
@@ -22,6 +23,8 @@ from typing import Any
 
 from . import membership, topology
 from .amqp import connect
+from .replicas import Replicas, Unavailable, leaders_per_node, under_replicated
+from .replicas import read as read_replicas
 from .settings import BrokerSettings, TopologySettings, redact_url
 from .text import escape
 
@@ -40,8 +43,9 @@ async def _alarm_probe(broker: BrokerSettings) -> Any:
 
 
 async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: list[str] | None = None,
-                  listen_s: float = DEFAULT_LISTEN_S) -> dict[str, Any]:
-    """Snapshot of members and partitions as a JSON-ready dict."""
+                  listen_s: float = DEFAULT_LISTEN_S, replicas: bool = False) -> dict[str, Any]:
+    """Snapshot of members and partitions as a JSON-ready dict; ``replicas``: with each quorum
+    partition's leader and replicas online (a ``rabbitmqctl`` run: an Erlang VM start, ~1 s of CPU)."""
     conn = await connect(broker.amqp_url, name="ctlpool-status", heartbeat_s=broker.heartbeat_s)
     try:
         table = membership.MemberTable(timeout_s=listen_s * 10, clock=time.monotonic)
@@ -64,6 +68,7 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
         await ch.close()
         members = table.live()
         names = controllers or sorted({c for hb in members for c in hb.controllers})
+        groups, replicas_error = await _replicas(broker, topo) if replicas else ({}, None)
         out_ctls = []
         for name in names:
             nm = topology.Names(broker.prefix, name)
@@ -76,14 +81,21 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
             parts = []
             for i, q in enumerate(counts[:-1]):
                 own = owners.get(i, [])
+                r = groups.get(queues[i])
                 parts.append({"partition": i, "queue": queues[i], "exists": q is not None,
                               "owner": [o for o, _ in own], "ready": q.ready if q else None,
-                              "unacked": sum(u for _, u in own), "consumers": q.consumers if q else None})
+                              "unacked": sum(u for _, u in own), "consumers": q.consumers if q else None,
+                              "leader": r.leader if r else None,
+                              "replicas": len(r.members) if r else None,
+                              "replicas_online": len(r.online) if r else None})
             parked = counts[-1]
             out_ctls.append({"controller": name, "partitions": parts,
-                             "parked": parked.ready if parked else None})
+                             "parked": parked.ready if parked else None,
+                             "leaders_per_node": leaders_per_node(groups, queues),
+                             "under_replicated": under_replicated(groups, f"{broker.prefix}.{name}")})
         return {
             "broker": redact_url(broker.amqp_url),
+            "replicas_error": replicas_error,
             "broker_blocked": blocked,
             "members": [{"id": hb.id, "node": hb.node, "worker": hb.worker, "weight": hb.weight, "pid": hb.pid,
                          "controllers": list(hb.controllers), "broker_blocked": hb.blocked,
@@ -94,6 +106,16 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
         }
     finally:
         conn.close()
+
+
+async def _replicas(broker: BrokerSettings, topo: TopologySettings) -> tuple[dict[str, Replicas], str | None]:
+    """Leaders and online replicas of the quorum queues (``pool.replicas``), or why they can't be shown."""
+    if topo.queue_type != "quorum":
+        return {}, None
+    try:
+        return await asyncio.to_thread(read_replicas, broker.admin_node, broker.amqp_url), None
+    except Unavailable as exc:
+        return {}, str(exc)
 
 
 def render(snapshot: dict[str, Any]) -> str:
@@ -121,7 +143,18 @@ def render(snapshot: dict[str, Any]) -> str:
         unacked = sum(p["unacked"] for p in parts)
         lines += ["", f"controller {escape(c['controller'])}: {len(parts)} partitions, ready {ready}, "
                       f"unacked {unacked}, parked {c['parked']}"]
+        if c.get("leaders_per_node"):
+            lines.append("  partition leaders per node: "
+                         + ", ".join(f"{escape(n)} {k}" for n, k in c["leaders_per_node"].items()))
+        if c.get("under_replicated"):
+            lines.append(f"  UNDER-REPLICATED ({len(c['under_replicated'])} queues, replicas online/members): "
+                         + escape(", ".join(c["under_replicated"][:8])) + (" ..." if len(c["under_replicated"]) > 8 else ""))
         for p in parts:
             owner = escape(",".join(p["owner"])) or ("(missing queue)" if not p["exists"] else "(none)")
-            lines.append(f"  p{p['partition']:03d}  owner {owner:<24} ready {p['ready']!s:<8} unacked {p['unacked']}")
+            where = (f"  leader {escape(p['leader'])} replicas {p['replicas_online']}/{p['replicas']}"
+                     if p.get("leader") else "")
+            lines.append(f"  p{p['partition']:03d}  owner {owner:<24} ready {p['ready']!s:<8} unacked {p['unacked']}"
+                         + where)
+    if snapshot.get("replicas_error"):
+        lines += ["", f"partition leaders and replicas: not shown: {escape(snapshot['replicas_error'])}"]
     return "\n".join(lines)

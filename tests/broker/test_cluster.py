@@ -22,12 +22,13 @@ import uuid
 from collections import Counter
 from typing import Any, Iterator
 
+import pika
 import pytest
 
 from pool.publisher import Publisher
 from pool.devcluster import NODES, ClusterError, LocalCluster
 from tests.ctl_fixtures import read_records
-from tests.helpers import delete, wait_until
+from tests.helpers import ctlpool_cli, delete, exists, wait_until
 from tests.hosts import Hosts
 from tests.load import Load
 
@@ -141,29 +142,78 @@ def connection_node(nodes: LocalCluster, name: str) -> int | None:
     return next((node for node, conn in nodes.connections() if conn == name), None)
 
 
+class Ring:
+    """A consistent-hash exchange over quorum queues, bound once in order, and a transient exchange
+    like the guard's clean markers: what the ring-drift guard relies on, probed on the cluster."""
+
+    QUEUES = 16
+    KEYS = [f"item-{i}" for i in range(800)]
+
+    def __init__(self, prefix: str) -> None:
+        self.exchange, self.marker = f"{prefix}.ring", f"{prefix}.ring.clean"
+        self.queues = [f"{prefix}.ring.q{i:02d}" for i in range(self.QUEUES)]
+        conn = pika.BlockingConnection(pika.URLParameters(NODES[0].url))
+        ch = conn.channel()
+        ch.exchange_declare(self.exchange, "x-consistent-hash", durable=True)
+        ch.exchange_declare(self.marker, "fanout", durable=False)
+        for q in self.queues:
+            ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+            ch.queue_bind(q, self.exchange, "1")
+        conn.close()
+
+    def route(self, node: int) -> dict[str, str]:
+        """Where each key lands when published through ``node``."""
+        conn = pika.BlockingConnection(pika.URLParameters(NODES[node - 1].url))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for k in self.KEYS:
+            ch.basic_publish(self.exchange, k, b"", mandatory=True)
+        where = {}
+        for q in self.queues:
+            while (got := ch.basic_get(q, auto_ack=True))[0] is not None:
+                where[got[0].routing_key] = q
+        conn.close()
+        assert len(where) == len(self.KEYS)
+        return where
+
+    def delete(self) -> None:
+        delete(NODES[0].url, [], [self.exchange, self.marker])  # the queues go with the test's prefix
+
+
 def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: LocalCluster, hosts: Hosts) -> None:
-    start_pool(hosts)
-    with Load(hosts.url, hosts.prefix, rate=300) as load:
-        load.flow(300)
-        victim, _ = connected(hosts).most_common(1)[0]
-        # Given a node killed under load, its workers moved to the others
-        nodes.kill(victim)
-        hosts.wait_balanced(2, "after the kill", timeout=60)
-        load.flow(300)
-        # When it comes back (and rejoins the cluster)
-        t_back = time.monotonic_ns()
-        nodes.up()
-        hosts.wait_balanced(2, "after the node came back", timeout=60)
-        load.flow(600)
-        # Then every partition has exactly one active consumer, the member ``ctlpool status`` names
-        owners = {p["queue"]: p["owner"] for p in hosts.owners()["controllers"][0]["partitions"]}
-        wait_until(lambda: len(active_consumers(nodes, hosts.prefix)) == PARTITIONS, 30,
-                   what="an active consumer on every partition")
-        active = active_consumers(nodes, hosts.prefix)
-        assert all(len(tags) == 1 for tags in active.values()), active
-        assert {q: [t.removeprefix("ctlpool ") for t in tags] for q, tags in active.items()} == owners
-    records = hosts.check(load)
-    report("a node comes back", records, t_back)
+    ring = Ring(hosts.prefix)
+    try:
+        before = ring.route(1)
+        start_pool(hosts)
+        with Load(hosts.url, hosts.prefix, rate=300) as load:
+            load.flow(300)
+            victim, _ = connected(hosts).most_common(1)[0]
+            # Given a node killed under load, its workers moved to the others
+            nodes.kill(victim)
+            hosts.wait_balanced(2, "after the kill", timeout=60)
+            load.flow(300)
+            # When it comes back (and rejoins the cluster)
+            t_back = time.monotonic_ns()
+            nodes.up()
+            hosts.wait_balanced(2, "after the node came back", timeout=60)
+            load.flow(600)
+            # Then the ring is the same through every node, the restarted one included, and the
+            # transient marker survived: the surviving nodes kept both, so the guard (which runs only
+            # when a marker is gone) has nothing to re-route, and rightly (measured: README)
+            moved = [sum(before[k] != after[k] for k in Ring.KEYS) for after in map(ring.route, (1, 2, 3))]
+            print(f"[ring] keys routed elsewhere through nodes 1-3 after node {victim} was killed and came back: {moved}")
+            assert moved == [0, 0, 0] and all(exists(NODES[n - 1].url, "exchange", ring.marker) for n in (1, 2, 3))
+            # and every partition has exactly one active consumer, the member ``ctlpool status`` names
+            owners = {p["queue"]: p["owner"] for p in hosts.owners()["controllers"][0]["partitions"]}
+            wait_until(lambda: len(active_consumers(nodes, hosts.prefix)) == PARTITIONS, 30,
+                       what="an active consumer on every partition")
+            active = active_consumers(nodes, hosts.prefix)
+            assert all(len(tags) == 1 for tags in active.values()), active
+            assert {q: [t.removeprefix("ctlpool ") for t in tags] for q, tags in active.items()} == owners
+        records = hosts.check(load)
+        report("a node comes back", records, t_back)
+    finally:
+        ring.delete()
 
 
 def test_stop_app_of_the_node_leading_most_partitions(nodes: LocalCluster, hosts: Hosts) -> None:
@@ -181,12 +231,28 @@ def test_stop_app_of_the_node_leading_most_partitions(nodes: LocalCluster, hosts
             # Then the partitions get new leaders, the workers move, and the pool settles
             hosts.wait_balanced(2, "after stop_app", timeout=60)
             load.flow(600)
+            # and an operator sees it: status names each partition's new leader, 2 of 3 replicas
+            # online; doctor names the stopped node and warns about the under-replicated queues
+            def moved() -> bool:
+                snap = json.loads(ctlpool(nodes, hosts, "status", "rec", "--json", "--partitions", str(PARTITIONS)).stdout)
+                parts = snap["controllers"][0]["partitions"]
+                return all(p["leader"] in alive and (p["replicas"], p["replicas_online"]) == (3, 2) for p in parts)
+            alive = {n.name for n in NODES} - {leader_name}
+            wait_until(moved, 30, what="status: every partition led by a surviving node, 2 of 3 replicas online")
+            doc = ctlpool(nodes, hosts, "doctor")
+            assert doc.returncode == 69, doc.stdout  # a node of the list is unreachable
+            assert f"NOT RUNNING: {leader_name}" in doc.stdout and "replicas: WARNING:" in doc.stdout, doc.stdout
         finally:
             nodes.start_app(victim)
         hosts.wait_balanced(2, "after start_app", timeout=60)
         load.flow(300)
     records = hosts.check(load)
     report(f"stop_app of the node leading {led} of {PARTITIONS} partitions", records, t_stop)
+
+
+def ctlpool(nodes: LocalCluster, h: Hosts, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ctlpool ARGS --prefix P`` as an operator runs it, given the cluster's URL list."""
+    return ctlpool_cli(nodes.url_list(), *args, "--prefix", h.prefix)
 
 
 def test_rolling_restart_of_every_node_under_load(nodes: LocalCluster, hosts: Hosts) -> None:
@@ -309,6 +375,10 @@ def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster
     print(f"[cluster] partition leaders per node after `ctlpool topology` (64 partitions): {dict(partitions)}")
     assert set(partitions) == {n.name for n in NODES} and max(partitions.values()) - min(partitions.values()) <= 1
     assert len(queues) == 71 and all(len(q["members"]) == 3 == len(q["online"]) for q in queues)
+    # and `ctlpool status` shows the same leaders, every replica online, nothing under-replicated
+    [shown] = json.loads(ctlpool(nodes, hosts, "status", "rec", "--json", "--partitions", "64").stdout)["controllers"]
+    assert shown["leaders_per_node"] == dict(sorted(partitions.items())) and shown["under_replicated"] == []
+    assert all((p["replicas"], p["replicas_online"]) == (3, 3) for p in shown["partitions"])
     # and --queue-replicas sets the group size of a new controller's queues
     other = hosts.prefix + "x"
     try:

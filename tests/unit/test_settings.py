@@ -39,6 +39,7 @@ BAD_VALUES: dict[str, str] = {
     "amqp-url": "http://host/",
     "amqp-url-file": "/nonexistent/ctlpool-url",
     "prefix": "a/b",
+    "admin-node": "no-at-sign",
     "heartbeat-s": "1.5",
     "partitions": "many",
     "queue-type": "stream",
