@@ -166,8 +166,9 @@ def test_connection_flaps_park_no_healthy_event(amqp_url, prefix, tmp_path, rec_
     # a backlog, so the same prefetched deliveries are in flight at flap after flap
     with under_load(amqp_url, prefix, tmp_path, rec_dir, "--prefetch", "50", "--concurrency", "4",
                     rate=200, sleep_ms=100) as (pool, load):
-        # When the broker closes every connection six times, 3.5 s apart
-        for _ in range(6):
+        # When the broker closes every connection four times, 3.5 s apart (a delivery in flight at
+        # each is delivered 5 times: over --max-deliveries 3, were every redelivery counted)
+        for _ in range(4):
             wait_until(lambda: _consumers(prefix) >= PARTITIONS, 30, what="partitions consumed again")
             subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "flap test"], check=True,
                            capture_output=True, timeout=60)
@@ -177,7 +178,7 @@ def test_connection_flaps_park_no_healthy_event(amqp_url, prefix, tmp_path, rec_
     records = read_records(str(rec_dir))
     assert_latest_reconciled(records, load.per_key)
     assert overlaps(records) == []
-    assert len(session_losses(pool)) >= 6  # the flaps really hit the workers
+    assert len(session_losses(pool)) >= 4  # the flaps really hit the workers
 
 
 def _consumers(prefix: str) -> int:
