@@ -52,6 +52,15 @@ class Gated(Controller):
         return None
 
 
+async def one_running(ctl: Gated, key: str, **flags: Any) -> Rig:
+    """A rig whose partition delivered ``key`` (tag 1), its reconcile started."""
+    rig = Rig(ctl, **flags)
+    _part, ch = await rig.partition()
+    ch.deliver(1, key)
+    await until(lambda: ctl.started, "started")
+    return rig
+
+
 def test_no_ack_before_the_confirms_of_what_the_reconcile_published():
     async def main() -> None:
         rig = Rig(Emits())
@@ -123,10 +132,7 @@ def test_a_multiple_ack_never_covers_unfinished_work(seed):
 def test_a_reconcile_past_its_timeout_is_cancelled_by_the_clock_and_retried():
     async def main() -> None:
         ctl = Gated()
-        rig = Rig(ctl, **{"reconcile-timeout-s": 30})
-        part, ch = await rig.partition()
-        ch.deliver(1, "slow")
-        await until(lambda: ctl.started, "started")
+        rig = await one_running(ctl, "slow", **{"reconcile-timeout-s": 30})
         # Given 29 s on the clock: not expired
         rig.clock.now += 29.0
         rig.dispatch.expire()
@@ -152,10 +158,7 @@ def test_a_deadline_passing_while_the_retry_awaits_its_confirm_gives_the_event_b
 
     async def main() -> None:
         ctl = Gated()
-        rig = Rig(ctl, **{"reconcile-timeout-s": 30})
-        part, ch = await rig.partition()
-        ch.deliver(1, "a")
-        await until(lambda: ctl.started, "started")
+        rig = await one_running(ctl, "a", **{"reconcile-timeout-s": 30})
         # Given a reconcile that failed (timed out) and whose retry the broker has not confirmed
         rig.clock.now += 31.0
         rig.dispatch.expire()
