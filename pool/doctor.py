@@ -26,6 +26,7 @@ import pika.exceptions
 from . import replicas
 from .amqp import url_parameters
 from .errors import PluginMissing
+from .text import escape
 from .urls import redact_url, split_urls
 
 INSTALL_HINT = "apt-get install -y rabbitmq-server   (Debian/Ubuntu; then: rabbitmq-server -detached)"
@@ -85,16 +86,16 @@ def _check_cluster(url: str, admin_node: str | None, prefix: str) -> None:
         nodes = replicas.nodes(admin_node, url)
         queues = replicas.read(admin_node, url)
     except replicas.Unavailable as exc:
-        print(f"cluster: not checked: {exc}")
+        print(escape(f"cluster: not checked: {exc}"))
         return
-    print(f"cluster: {len(nodes.running)} nodes running: {', '.join(nodes.running)}"
-          + (f"; NOT RUNNING: {', '.join(nodes.stopped)}" if nodes.stopped else ""))
+    print(escape(f"cluster: {len(nodes.running)} nodes running: {', '.join(nodes.running)}"
+                 + (f"; NOT RUNNING: {', '.join(nodes.stopped)}" if nodes.stopped else "")))
     under = replicas.under_replicated(queues, prefix)
     ours = sum(1 for q in queues if q.startswith(prefix + "."))
     if under:
-        print(f"replicas: WARNING: {len(under)} of {ours} quorum queues under {prefix}. have replicas offline "
-              f"(online/members): {', '.join(under[:8])}{' ...' if len(under) > 8 else ''}; "
-              "bring the nodes back (rabbitmqctl -n NODE start_app)")
+        print(escape(f"replicas: WARNING: {len(under)} of {ours} quorum queues under {prefix}. have replicas "
+                     f"offline (online/members): {', '.join(under[:8])}{' ...' if len(under) > 8 else ''}; "
+                     "bring the nodes back (rabbitmqctl -n NODE start_app)"))
     else:
         print(f"replicas: all {ours} quorum queues under {prefix}. have every replica online")
 

@@ -7,7 +7,9 @@ channel and consumes (single-active-consumer on quorum queues, ``exclusive`` on 
 ones: the broker is the lock); the ``Guard`` measures the ring-drift window first when the
 partition isn't known clean. Release and drain never cancel a consumer with work in flight
 (DESIGN fact 2): stop dispatching, wait for in-flight reconciles to finish and ack, re-route
-the prefetched rest, then close the channel. A partition channel the broker closes while the
+the prefetched rest, then close the channel; a release that comes while the partition is still
+being acquired waits for the acquisition, which stops short of subscribing (else the channel
+opened a moment later would consume for nobody). A partition channel the broker closes while the
 connection is fine ends the whole session (``Session.lose``): the well-trodden reconnect path.
 """
 
