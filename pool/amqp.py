@@ -1,7 +1,8 @@
 """Awaitable wrappers over pika's asyncio adapter: connections, channels, confirmed publishing.
 
 Data flow: ``connect`` opens a pika ``AsyncioConnection`` on the running loop and
-resolves when it is open (or raises ``BrokerUnavailable`` / ``PluginMissing``).
+resolves when it is open (or raises ``BrokerUnavailable`` / ``PluginMissing``); its parameters, TLS
+included, come from ``pool.tls``.
 ``Channel`` turns pika's callback RPCs into awaitables that fail with
 ``ChannelGone`` when the channel or connection closes under them.
 ``ConfirmChannel.publish`` puts a message on the wire at once and returns a future
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import ssl
 import time
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from . import frames, wire
 from .codec import CONTENT_TYPE, H_SEQ
-from .errors import BrokerUnavailable, ConfigError, Nacked, PluginMissing, PublishError, Unroutable
+from .errors import BrokerUnavailable, Nacked, PluginMissing, PublishError, Unroutable
+from .tls import url_parameters
 from .urls import nodes_for, redact_url
 
 log = logging.getLogger("ctlpool.amqp")
@@ -153,39 +154,6 @@ class Connection:
             hook()
             received(data)
         shim.data_received = data_received
-
-
-_tls_context: ssl.SSLContext | None = None  # set once per process by use_tls(); forked workers inherit it
-
-
-def use_tls(ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
-    """Verify ``amqps://`` brokers with ``ca_file`` (default: the system CAs) and present ``cert_file``.
-
-    Called once by the CLI from the settings; every later ``connect`` in this process (and in
-    the workers it forks) uses it. Raises ``ConfigError`` when a file is not usable PEM.
-    """
-    global _tls_context
-    if key_file and not cert_file:
-        raise ConfigError("--tls-key-file: needs --tls-cert-file (the certificate it belongs to)")
-    try:
-        ctx = ssl.create_default_context(cafile=ca_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--tls-ca-file: {ca_file} is not a usable PEM CA bundle: {exc}") from None
-    if cert_file:
-        try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"--tls-cert-file/--tls-key-file: not a usable PEM certificate and key: {exc}") from None
-    _tls_context = ctx
-
-
-def url_parameters(url: str) -> pika.URLParameters:
-    """pika parameters for one node's ``url``; ``amqps://`` verifies the broker's certificate and host name."""
-    params = pika.URLParameters(url.strip())
-    if params.ssl_options is not None:
-        # pika's own default context has no server_hostname, so host-name checking cannot work
-        params.ssl_options = pika.SSLOptions(_tls_context or ssl.create_default_context(), server_hostname=params.host)
-    return params
 
 
 async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:

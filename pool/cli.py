@@ -157,7 +157,7 @@ def _use_tls(settings: PoolSettings) -> None:
     """Apply the TLS files to every connection this process (and its workers) opens."""
     from urllib.parse import urlsplit
 
-    from .amqp import use_tls
+    from .tls import use_tls
 
     b = settings.broker
     files = (b.tls_ca_file, b.tls_cert_file, b.tls_key_file)

@@ -24,7 +24,7 @@ import pika
 import pika.exceptions
 
 from . import replicas
-from .amqp import url_parameters
+from .tls import url_parameters
 from .errors import PluginMissing
 from .text import escape
 from .urls import redact_url, split_urls
