@@ -292,7 +292,9 @@ class LocalCluster:
 
     def leaders(self, vhost: str = "/") -> dict[str, str]:
         """Quorum queue name -> the node its leader runs on (classic queues have no leader to show)."""
-        return {str(q["name"]): str(q["leader"]) for q in self.queues(vhost) if q.get("leader")}
+        from ..replicas import parse
+
+        return {q: r.leader for q, r in parse(self.queues(vhost)).items() if r.leader}
 
     def _read_pid(self, node: Node) -> int | None:
         try:

@@ -31,6 +31,7 @@ from tests.ctl_fixtures import read_records
 from tests.helpers import ctlpool_cli, delete, exists, wait_until
 from tests.hosts import Hosts
 from tests.load import Load
+from tests.ring import Ring
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(360)]
 
@@ -142,48 +143,25 @@ def connection_node(nodes: LocalCluster, name: str) -> int | None:
     return next((node for node, conn in nodes.connections() if conn == name), None)
 
 
-class Ring:
-    """A consistent-hash exchange over quorum queues, bound once in order, and a transient exchange
-    like the guard's clean markers: what the ring-drift guard relies on, probed on the cluster."""
+RING_QUEUES = 16
+RING_KEYS = [f"item-{i}" for i in range(800)]
 
-    QUEUES = 16
-    KEYS = [f"item-{i}" for i in range(800)]
 
-    def __init__(self, prefix: str) -> None:
-        self.exchange, self.marker = f"{prefix}.ring", f"{prefix}.ring.clean"
-        self.queues = [f"{prefix}.ring.q{i:02d}" for i in range(self.QUEUES)]
-        conn = pika.BlockingConnection(pika.URLParameters(NODES[0].url))
-        ch = conn.channel()
-        ch.exchange_declare(self.exchange, "x-consistent-hash", durable=True)
-        ch.exchange_declare(self.marker, "fanout", durable=False)
-        for q in self.queues:
-            ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
-            ch.queue_bind(q, self.exchange, "1")
-        conn.close()
-
-    def route(self, node: int) -> dict[str, str]:
-        """Where each key lands when published through ``node``."""
-        conn = pika.BlockingConnection(pika.URLParameters(NODES[node - 1].url))
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for k in self.KEYS:
-            ch.basic_publish(self.exchange, k, b"", mandatory=True)
-        where = {}
-        for q in self.queues:
-            while (got := ch.basic_get(q, auto_ack=True))[0] is not None:
-                where[got[0].routing_key] = q
-        conn.close()
-        assert len(where) == len(self.KEYS)
-        return where
-
-    def delete(self) -> None:
-        delete(NODES[0].url, [], [self.exchange, self.marker])  # the queues go with the test's prefix
+def declare_transient(url: str, name: str) -> None:
+    """A transient exchange, as the guard's clean markers are."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn.channel().exchange_declare(name, "fanout", durable=False)
+    conn.close()
 
 
 def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: LocalCluster, hosts: Hosts) -> None:
-    ring = Ring(hosts.prefix)
+    # a ring, and a transient exchange like the guard's clean markers (what the guard relies on)
+    ring = Ring(NODES[0].url, hosts.prefix, RING_QUEUES)
+    marker = f"{hosts.prefix}.ring.clean"
+    declare_transient(NODES[0].url, marker)
     try:
-        before = ring.route(1)
+        before = ring.route(NODES[0].url, RING_KEYS)
+        assert len(before) == len(RING_KEYS)
         start_pool(hosts)
         with Load(hosts.url, hosts.prefix, rate=300) as load:
             load.flow(300)
@@ -200,9 +178,11 @@ def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: 
             # Then the ring is the same through every node, the restarted one included, and the
             # transient marker survived: the surviving nodes kept both, so the guard (which runs only
             # when a marker is gone) has nothing to re-route, and rightly (measured: README)
-            moved = [sum(before[k] != after[k] for k in Ring.KEYS) for after in map(ring.route, (1, 2, 3))]
+            afters = [ring.route(n.url, RING_KEYS) for n in NODES]
+            assert all(len(after) == len(RING_KEYS) for after in afters)
+            moved = [sum(before[k] != after[k] for k in RING_KEYS) for after in afters]
             print(f"[ring] keys routed elsewhere through nodes 1-3 after node {victim} was killed and came back: {moved}")
-            assert moved == [0, 0, 0] and all(exists(NODES[n - 1].url, "exchange", ring.marker) for n in (1, 2, 3))
+            assert moved == [0, 0, 0] and all(exists(n.url, "exchange", marker) for n in NODES)
             # and every partition has exactly one active consumer, the member ``ctlpool status`` names
             owners = {p["queue"]: p["owner"] for p in hosts.owners()["controllers"][0]["partitions"]}
             wait_until(lambda: len(active_consumers(nodes, hosts.prefix)) == PARTITIONS, 30,
@@ -213,7 +193,7 @@ def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: 
         records = hosts.check(load)
         report("a node comes back", records, t_back)
     finally:
-        ring.delete()
+        delete(NODES[0].url, [], [ring.exchange, marker])  # its queues go with the test's prefix
 
 
 def test_stop_app_of_the_node_leading_most_partitions(nodes: LocalCluster, hosts: Hosts) -> None:

@@ -18,6 +18,7 @@ from tests.ctl_fixtures import overlaps, read_records
 from tests.helpers import publish_many, read_json_log, wait_until
 from tests.hosts import TIMEOUT, Hosts
 from tests.load import Load
+from tests.ring import Ring
 
 
 @pytest.fixture
@@ -175,33 +176,12 @@ def _broker_restarts_under_load(cluster: Hosts, amqp_url: str, prefix: str) -> N
 @pytest.mark.timeout(300)
 def test_ring_moves_keys_across_broker_restart(amqp_url, prefix):
     """The hazard the ring-drift guard exists for, shown on this broker (DESIGN fact 1)."""
-    import pika
+    # Given a consistent-hash exchange with 64 quorum queues bound once, in order, weight "1"
+    ring = Ring(amqp_url, prefix, RING_QUEUES)
 
     def route(keys: list[str]) -> dict[str, str]:
-        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for k in keys:
-            ch.basic_publish(f"{prefix}.ring", k, b"", mandatory=True)
-        where = {}
-        for i in range(RING_QUEUES):
-            q = f"{prefix}.ring.q{i:02d}"
-            while True:
-                m, _, _ = ch.basic_get(q, auto_ack=True)
-                if m is None:
-                    break
-                where[m.routing_key] = q
-        conn.close()
-        return where
+        return ring.route(amqp_url, keys)
 
-    # Given a consistent-hash exchange with 64 quorum queues bound once, in order, weight "1"
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    ch.exchange_declare(f"{prefix}.ring", "x-consistent-hash", durable=True)
-    for i in range(RING_QUEUES):
-        ch.queue_declare(f"{prefix}.ring.q{i:02d}", durable=True, arguments={"x-queue-type": "quorum"})
-        ch.queue_bind(f"{prefix}.ring.q{i:02d}", f"{prefix}.ring", "1")
-    conn.close()
     keys = [f"item-{i}" for i in range(2000)]
     before = route(keys)
     assert len(before) == len(keys)

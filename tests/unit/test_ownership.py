@@ -81,7 +81,7 @@ def test_a_release_during_the_acquisition_leaves_no_consumer_behind():
         await until(lambda: release.done() and acquiring.done(), "release and acquisition finished")
         release.result()
         # Then no channel is left consuming the partition: a consumer nobody owns would hold a
-        # prefetch of deliveries forever (seen in CI: 50 unacked, the partition stalled)
+        # prefetch of deliveries forever (a stalled partition: 50 unacked, as one looked in CI)
         consumed = [c for c in rig.conn.channels if c.on_message is not None]
         assert all(not c.is_open for c in consumed)
         assert all(not c.is_open for c in rig.conn.channels if c.queue == part.queue or c is part.ch)
