@@ -308,3 +308,43 @@ def test_an_unencodable_publish_fails_alone_and_the_numbering_holds(amqp_url, pr
             conn.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.timeout(60)
+def test_a_release_racing_the_acquisition_leaves_no_consumer_on_the_broker(amqp_url, prefix):
+    # Given one worker's rooms on a real session (in this process, so the race can be timed)
+    import asyncio
+
+    from pool import topology
+    from pool.settings import resolve
+    from pool.worker import Worker
+    from pool.worker.session import Session
+    from tests.ctl_fixtures import Recorder
+
+    async def go() -> int:
+        settings = resolve({"amqp-url": amqp_url, "prefix": prefix, "partitions": PARTITIONS, "node-id": "race"},
+                           env={})
+        await topology.ensure(settings.broker, settings.topology, ["rec"])
+        worker = Worker(settings=settings, controllers=[Recorder()])
+        settler, _intake, _dispatch, ownership = worker._build(asyncio.get_running_loop())
+        conns: list[Any] = []
+        session = await Session.open(settings.broker, "race/0", on_heartbeat=lambda *a: None,
+                                     on_lease_lost=lambda why: None, clock=time.monotonic, opened=conns)
+        settler.pub = session.pub
+        ownership.bind(session)
+        try:
+            # When the partition is released while its acquisition waits for the broker's channel
+            acquiring = asyncio.ensure_future(ownership.acquire(worker.ctls[0], 0))
+            await asyncio.sleep(0)  # one loop turn: it has asked for a channel, not got it
+            await ownership.release(ownership.parts[(0, 0)])
+            await acquiring
+            # Then, both finished, the broker knows no consumer of that partition (one would hold a
+            # prefetch of deliveries for nobody, for the rest of the session)
+            ch = await session.consume.channel()
+            ok = await ch.rpc("queue_declare", queue=f"{prefix}.rec.p000", passive=True)
+            return int(ok.method.consumer_count)
+        finally:
+            for conn in conns:
+                conn.close()
+
+    assert asyncio.run(go()) == 0
