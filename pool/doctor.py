@@ -102,7 +102,7 @@ def _check_cluster(url: str, admin_node: str | None, prefix: str) -> None:
 
 def _dev_node(url: str) -> bool:
     """A node of the local dev cluster (``pool.devcluster``, ``make cluster``)?"""
-    from .devcluster import NODES
+    from .devcluster.nodes import NODES
 
     return _local(url) and urlsplit(url).port in {n.amqp_port for n in NODES}
 

@@ -91,7 +91,7 @@ def candidates(admin_node: str | None, amqp_url: str) -> list[str | None]:
     """The nodes to ask, in order (None: rabbitmqctl's default node)."""
     if admin_node:
         return [admin_node]
-    from .devcluster import NODES
+    from .devcluster.nodes import NODES
 
     ports = {n.amqp_port: n.name for n in NODES}
     urls = [urlsplit(u) for u in split_urls(amqp_url)]

@@ -29,19 +29,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from .nodes import NODE_COUNT, NODES, Node, resolve_node  # noqa: F401 - NODE_COUNT re-exported for the CLI
 
 
 DEFAULT_DIR = "/var/tmp/ctlpool-cluster"
 DIR_ENV = "CTLPOOL_CLUSTER_DIR"
 ERL_ARGS_ENV = "CTLPOOL_CLUSTER_ERL_ARGS"
 LIGHT_ERL_ARGS = "+S 1:1 +A 4"  # one scheduler per node: three nodes share a 2-core box
-HOST = "localhost"  # short names, like the default node rabbit@localhost
-NODE_COUNT = 3
-AMQP_PORT_BASE = 5680  # node N listens on 5680 + N
-DIST_PORT_BASE = 25680  # node N's inter-node port (the default node's is 25672)
 PLUGIN = "rabbitmq_consistent_hash_exchange"
 SBIN = "/usr/sbin:/usr/lib/rabbitmq/bin:/usr/local/sbin"
 INNER_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # what Debian's /usr/sbin wrapper runs via su
@@ -62,33 +59,6 @@ class ClusterError(RuntimeError):
 
 class MissingTool(ClusterError):
     """Something the tool needs is absent; the message is the one line to act on (exit 2)."""
-
-
-@dataclass(frozen=True)
-class Node:
-    number: int  # 1..3
-    short: str  # ctlpool-cN
-    name: str  # ctlpool-cN@localhost
-    amqp_port: int
-    dist_port: int
-    url: str  # guest/guest: guest may log in from localhost only, which is where the clients are
-
-
-def make_node(n: int) -> Node:
-    port, short = AMQP_PORT_BASE + n, f"ctlpool-c{n}"
-    return Node(n, short, f"{short}@{HOST}", port, DIST_PORT_BASE + n, f"amqp://guest:guest@127.0.0.1:{port}/%2F")
-
-
-NODES = tuple(make_node(n) for n in range(1, NODE_COUNT + 1))
-
-
-def resolve_node(text: str | int) -> int:
-    """The node number (1..3) of ``2``, ``"2"``, ``"c2"``, ``"ctlpool-c2"`` or ``"ctlpool-c2@localhost"``."""
-    t = str(text).strip()
-    for node in NODES:
-        if t in (str(node.number), f"c{node.number}", node.short, node.name):
-            return node.number
-    raise ValueError(f"no such node {t!r}: give 1..{NODE_COUNT} or a name like {NODES[0].name}")
 
 
 def node_config(node: Node) -> str:
