@@ -102,27 +102,6 @@ def report(what: str, records: list[dict[str, Any]], since_ns: int, extra: str =
     return gap
 
 
-def test_sigkill_of_the_node_the_workers_use(nodes: LocalCluster, hosts: Hosts) -> None:
-    start_pool(hosts)
-    with Load(hosts.url, hosts.prefix, rate=300) as load:
-        load.flow(600)
-        # Given the node most workers consume from
-        victim, _ = connected(hosts).most_common(1)[0]
-        pids = {int(m["pid"]) for m in hosts.owners()["members"] if node_of(m["broker_node"]) == victim}
-        assert pids
-        # When its beam.smp is SIGKILLed
-        t_kill = time.monotonic_ns()
-        nodes.kill(victim)
-        # Then the workers move to the surviving nodes and the pool settles, balanced
-        hosts.wait_balanced(2, "after the kill", timeout=60)
-        assert victim not in connected(hosts)
-        load.flow(600)
-    records = hosts.check(load)
-    resumed = resumed_after_s(read_records(str(hosts.rec)), pids, t_kill)
-    report("SIGKILL of the workers' node", records, t_kill, f"; its workers reconciled again after {resumed:.2f}s")
-    assert resumed <= RESUME_S
-
-
 def running_node(nodes: LocalCluster) -> int:
     return next(n.number for n in NODES if nodes.is_running(n.number))
 
@@ -154,7 +133,7 @@ def declare_transient(url: str, name: str) -> None:
     conn.close()
 
 
-def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: LocalCluster, hosts: Hosts) -> None:
+def test_sigkill_of_the_node_the_workers_use_then_its_return(nodes: LocalCluster, hosts: Hosts) -> None:
     # a ring, and a transient exchange like the guard's clean markers (what the guard relies on)
     ring = Ring(NODES[0].url, hosts.prefix, RING_QUEUES)
     marker = f"{hosts.prefix}.ring.clean"
@@ -164,14 +143,19 @@ def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: 
         assert len(before) == len(RING_KEYS)
         start_pool(hosts)
         with Load(hosts.url, hosts.prefix, rate=300) as load:
-            load.flow(300)
+            load.flow(600)
+            # Given the node most workers consume from
             victim, _ = connected(hosts).most_common(1)[0]
-            # Given a node killed under load, its workers moved to the others
+            pids = {int(m["pid"]) for m in hosts.owners()["members"] if node_of(m["broker_node"]) == victim}
+            assert pids
+            # When its beam.smp is SIGKILLed
+            t_kill = time.monotonic_ns()
             nodes.kill(victim)
+            # Then the workers move to the surviving nodes and the pool settles, balanced
             hosts.wait_balanced(2, "after the kill", timeout=60)
+            assert victim not in connected(hosts)
             load.flow(300)
             # When it comes back (and rejoins the cluster)
-            t_back = time.monotonic_ns()
             nodes.up()
             hosts.wait_balanced(2, "after the node came back", timeout=60)
             load.flow(600)
@@ -190,8 +174,13 @@ def test_a_node_that_comes_back_leaves_one_active_consumer_per_partition(nodes: 
             active = active_consumers(nodes, hosts.prefix)
             assert all(len(tags) == 1 for tags in active.values()), active
             assert {q: [t.removeprefix("ctlpool ") for t in tags] for q, tags in active.items()} == owners
+        # and through both, nothing was lost or overlapped, and the killed node's workers were
+        # reconciling again within RESUME_S
         records = hosts.check(load)
-        report("a node comes back", records, t_back)
+        resumed = resumed_after_s(read_records(str(hosts.rec)), pids, t_kill)
+        report("SIGKILL of the workers' node, then its return", records, t_kill,
+               f"; its workers reconciled again after {resumed:.2f}s")
+        assert resumed <= RESUME_S
     finally:
         delete(NODES[0].url, [], [ring.exchange, marker])  # its queues go with the test's prefix
 
@@ -251,19 +240,22 @@ def test_rolling_restart_of_every_node_under_load(nodes: LocalCluster, hosts: Ho
 
 
 def consume_all(url: str, queue: str) -> list[tuple[str, bytes]]:
-    """Every message of ``queue``, taken by a consumer (a single-active-consumer quorum queue refuses basic.get)."""
+    """Every message of ``queue`` (as many as it holds now), taken by a consumer (a single-active-consumer
+    quorum queue refuses basic.get)."""
     from tests.helpers import _connect
 
     conn = _connect(url)
     out = []
     try:
         ch = conn.channel()
+        count = ch.queue_declare(queue, passive=True).method.message_count
         ch.basic_qos(prefetch_count=1000)
-        for method, _props, body in ch.consume(queue, inactivity_timeout=2.0):
-            if method is None:
-                break
+        for method, _props, body in ch.consume(queue, inactivity_timeout=10.0) if count else ():
+            assert method is not None, f"{queue}: only {len(out)} of its {count} messages were delivered"
             out.append((method.routing_key, body))
             ch.basic_ack(method.delivery_tag)
+            if len(out) == count:
+                break
     finally:
         conn.close()
     return out
