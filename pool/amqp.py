@@ -71,12 +71,21 @@ class Connection:
         self.address = ""
         """The node's host:port (``ctlpool status`` shows it)."""
         self.dropped = False
-        """Closed by the broker or the network, not by us."""
+        """Closed by the broker or the network, or given up by us (``forsake``)."""
+        self.move_on: Callable[[], None] = lambda: None
+        """Make the process's next connect start at the next node of a cluster's list (``connect`` sets it)."""
         self.blocked: str | None = None
         """Why the broker blocks this connection's publishing (a memory or disk alarm); None when it doesn't."""
         self._blocked_at = 0.0
         raw.add_on_connection_blocked_callback(self._on_blocked)
         raw.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def forsake(self) -> None:
+        """The node went silent (paused, cut off, powered off: no TCP reset tells us): the
+        process's next connect starts at the next node, at once (a close the node never answers
+        takes a while), as if the broker had dropped this connection."""
+        self.dropped = True
+        self.move_on()
 
     def _on_blocked(self, _raw: Any, frame: Any) -> None:
         self.blocked = frame.method.reason or "no reason given"
@@ -174,7 +183,8 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 20) -> Connection:
                 log.warning("%s; trying the next node", exc, extra={"connection": name})
             continue
         nodes.worked(node)
-        conn.closed.add_done_callback(lambda f, node=node: conn.dropped and nodes.failed(node))
+        conn.move_on = lambda node=node: nodes.failed(node)  # type: ignore[misc]
+        conn.closed.add_done_callback(lambda f: conn.dropped and conn.move_on())
         return conn
     if len(errors) == 1:
         raise BrokerUnavailable(errors[0])
@@ -202,7 +212,7 @@ async def _connect_node(url: str, *, name: str, heartbeat_s: int) -> Connection:
 
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
-            conn.dropped = not isinstance(reason, pika.exceptions.ConnectionClosedByClient)
+            conn.dropped = conn.dropped or not isinstance(reason, pika.exceptions.ConnectionClosedByClient)
             closed.set_result(_gone(reason))
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))

@@ -2,7 +2,9 @@
 
 Data flow: the consume connection calls ``Lease.heard()`` before pika sees each socket read.
 The broker talks to us at least every membership heartbeat interval (our own heartbeat comes
-back on the members queue) and every half heartbeat timeout (AMQP heartbeats). It may close
+back on the members queue, and the session's probe is answered: ``pool.worker.session``) and
+every half heartbeat timeout (AMQP heartbeats); the worker checks the lease every interval too,
+so a node gone silent fences it even when no reconcile is running. It may close
 our connection, and hand our partitions to a peer, once it has heard nothing from us for a
 heartbeat timeout; we send at least every half timeout until we freeze. So while less than
 half a timeout has passed since we last heard from it, it cannot have given our partitions

@@ -173,6 +173,7 @@ class Worker:
             await asyncio.sleep(interval)
             ownership.heartbeat()
             if self._session is not None:
+                self._session.probe()  # a node gone silent fences us once the lease runs out
                 self._session.check_confirms(self.clock())
             dispatch.expire()
             intake.forget_blame()
@@ -192,6 +193,7 @@ class Worker:
         log.warning("fencing: %s; cancelling %d in-flight reconciles and rejoining", why, in_flight,
                     extra={"worker": self.index})
         self.metrics.fenced()
+        session.consume.forsake()  # the lease is the consume connection's: reconnect through another node
         session.lose(f"fenced: {why}")
 
     async def _sleep(self, seconds: float) -> None:

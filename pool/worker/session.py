@@ -5,10 +5,11 @@ listen queue) and the publish connection (the confirm channel everything is repu
 and the member heartbeats: the broker blocks a connection that publishes during an alarm,
 and a blocked consume connection could not even be closed). Before any partition is taken,
 the lease starts (``pool.fence``): renewed by every socket read of the consume connection,
-where our own heartbeats echo back every interval. ``lost`` resolves with the reason when any
-part of the session fails (a connection or the confirm channel closes, a partition loses its
-consumer, the lease runs out, a publish goes unconfirmed for ``CONFIRM_STALL_S``); ``Worker`` then cancels everything and opens a new session
-after ``Backoff``'s delay.
+where our own heartbeats echo back every interval and ``probe`` asks for an answer every
+tick. ``lost`` resolves with the reason when any part of the session fails (a connection or
+the confirm channel closes, a partition loses its consumer, the lease runs out, a publish goes
+unconfirmed for ``CONFIRM_STALL_S``); ``Worker`` then cancels everything and opens a new
+session after ``Backoff``'s delay.
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ class Session:
     """Open connections of one connected period (see the module docstring)."""
 
     def __init__(self, consume: Connection, publish: Connection, pub: ConfirmChannel, heartbeats: Channel,
-                 lease: Lease, lost: asyncio.Future[ChannelGone]) -> None:
+                 listen: Channel, lease: Lease, lost: asyncio.Future[ChannelGone]) -> None:
         self.consume = consume
         self.publish = publish
         self.pub = pub
         self.heartbeats = heartbeats
+        self.listen = listen
         self.lease = lease
         self.lost = lost
+        self._probing: asyncio.Future[Any] | None = None
         self._oldest: int | None = None  # the oldest unconfirmed publish seen by check_confirms...
         self._oldest_since = 0.0  # ...and since when
 
@@ -83,12 +86,22 @@ class Session:
         lease = Lease(clock, LEASE_FRACTION * consume.heartbeat_s if consume.heartbeat_s else float("inf"),
                       on_lost=on_lease_lost)
         consume.on_data(lease.heard)
-        return cls(consume, publish, pub, heartbeats, lease, asyncio.get_running_loop().create_future())
+        return cls(consume, publish, pub, heartbeats, listen, lease, asyncio.get_running_loop().create_future())
 
     def lose(self, why: str) -> None:
         """End the session the way a connection loss does (first reason wins)."""
         if not self.lost.done():
             self.lost.set_result(ChannelGone(0, why))
+
+    def probe(self) -> None:
+        """Every tick: ask the consume connection's node for an answer (a no-op ``basic.qos`` on
+        the listen channel), so the lease is renewed while the node answers, even when nothing
+        else comes (an alarm stops every member's heartbeats), and check it: a node gone silent
+        (paused, cut off, powered off, with no TCP reset to tell us) fences this session within
+        a tick of the lease running out, not when the AMQP heartbeat gives up (twice the timeout)."""
+        if self.lease.valid() and (self._probing is None or self._probing.done()):
+            self._probing = asyncio.ensure_future(self.listen.rpc("basic_qos", prefetch_count=0))
+            self._probing.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is the session's
 
     def check_confirms(self, now: float) -> None:
         """Every tick: a publish the broker has not confirmed for ``CONFIRM_STALL_S`` (while not

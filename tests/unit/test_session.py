@@ -1,5 +1,6 @@
 """The broker session's own checks, without a broker: a publish the broker never confirms ends
-the session by the (injected) clock, unless the broker is blocking the connection for an alarm."""
+the session by the (injected) clock, unless the broker is blocking the connection for an alarm;
+a node that stops answering the tick's probe fences the session once the lease runs out."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pool.fence import Lease
 from pool.worker.session import CONFIRM_STALL_S, Session
 
 
@@ -20,8 +22,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
-def session(loop: asyncio.AbstractEventLoop, pub: Any, publish: Any) -> Session:
-    return Session(consume=None, publish=publish, pub=pub, heartbeats=None, lease=None,  # type: ignore[arg-type]
+def session(loop: asyncio.AbstractEventLoop, pub: Any, publish: Any, listen: Any = None,
+            lease: Lease | None = None) -> Session:
+    return Session(consume=None, publish=publish, pub=pub, heartbeats=None, listen=listen, lease=lease,  # type: ignore[arg-type]
                    lost=loop.create_future())
 
 
@@ -52,3 +55,51 @@ def test_no_confirms_while_the_broker_blocks_us_is_waiting_not_a_stall(loop: asy
     for now in (4 * CONFIRM_STALL_S, 9 * CONFIRM_STALL_S):
         s.check_confirms(now)
     assert not s.lost.done()
+
+
+class Listen:
+    """The listen channel: records each RPC; the test answers them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.asked: list[tuple[str, dict[str, Any]]] = []
+        self.answers: list[asyncio.Future[Any]] = []
+
+    async def rpc(self, method: str, /, **kwargs: Any) -> Any:
+        self.asked.append((method, kwargs))
+        self.answers.append(self.loop.create_future())
+        return await self.answers[-1]
+
+
+def test_a_node_that_stops_answering_the_probe_fences_the_session_when_the_lease_runs_out(
+        loop: asyncio.AbstractEventLoop) -> None:
+    now = [0.0]
+    fenced: list[str] = []
+    lease = Lease(lambda: now[0], 10.0, on_lost=fenced.append)
+    listen = Listen(loop)
+    s = session(loop, None, None, listen, lease)
+
+    async def tick(at: float) -> None:
+        now[0] = at
+        s.probe()
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        # Given a node that answers each tick's probe (each answer is a read: it renews the lease)
+        for at in (1.0, 2.0, 3.0):
+            await tick(at)
+            lease.heard()
+            listen.answers[-1].set_result("qos-ok")
+            await asyncio.sleep(0)  # the probe takes its answer
+        assert [m for m, _ in listen.asked] == ["basic_qos"] * 3 and not fenced
+        # When it stops answering (paused, cut off: no reset comes), the ticks ask nothing more meanwhile
+        for at in (4.0, 8.0, 13.0):
+            await tick(at)
+        assert len(listen.asked) == 4 and not fenced
+        # Then the first tick after the lease ran out fences the session, saying why, and asks no more
+        await tick(13.5)
+        assert fenced and "nothing heard from the broker for 10.5s" in fenced[0]
+        assert len(listen.asked) == 4
+        listen.answers[-1].cancel()
+
+    loop.run_until_complete(main())
