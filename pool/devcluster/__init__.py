@@ -42,6 +42,7 @@ LIGHT_ERL_ARGS = "+S 1:1 +A 4"  # one scheduler per node: three nodes share a 2-
 PLUGIN = "rabbitmq_consistent_hash_exchange"
 SBIN = "/usr/sbin:/usr/lib/rabbitmq/bin:/usr/local/sbin"
 INNER_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # what Debian's /usr/sbin wrapper runs via su
+NET_TICKTIME_S = 10  # a silent peer node is down after 10 s (7.5-12.5), not the default 60 s (45-75)
 NOFILE = 65536  # each node's file-descriptor limit (RabbitMQ's production advice), or the hard limit if lower
 MARKER = ".ctlpool-devcluster"  # --wipe deletes only a directory holding this file
 START_TIMEOUT_S = 120.0  # three nodes booting at once took ~11 s here
@@ -62,8 +63,14 @@ class MissingTool(ClusterError):
 
 
 def node_config(node: Node) -> str:
-    """The node's rabbitmq.conf: its own AMQP port, on loopback only (the default broker's file says 5672)."""
-    return f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
+    """The node's rabbitmq.conf: its own AMQP port, on loopback only (the default broker's file says
+    5672); a node cut off from the others (paused, partitioned) noticed after ``NET_TICKTIME_S``
+    and, once it sees them again, restarted if it lost the autoheal vote (the partition heals
+    itself: pause_minority does not notice a node that was paused itself, measured) (what a 3-node cluster should run:
+    README, Running on a RabbitMQ cluster)."""
+    return (f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
+            f"net_ticktime = {NET_TICKTIME_S}\n"
+            "cluster_partition_handling = autoheal\n")
 
 
 def node_env(node: Node, base: Path, erl_args: str = LIGHT_ERL_ARGS, home: str = "/var/lib/rabbitmq") -> dict[str, str]:
@@ -344,6 +351,15 @@ class LocalCluster:
         self._wait(f"{node.name} (pid {pid}) gone", lambda: not _pid_alive(pid) and self.state(i) == "down", timeout)
         return pid
 
+    def freeze(self, i: int | str, frozen: bool = True) -> int:
+        """SIGSTOPs node ``i``'s beam.smp (a paused VM: its sockets stay open, nothing answers), or
+        SIGCONTs it (``frozen=False``); asks the node nothing. Returns the pid, 0 if none lives."""
+        pid = self.os_pid(i) if frozen else self._read_pid(self.node(i))
+        if pid is None or not _pid_alive(pid):
+            return 0
+        os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+        return pid
+
     def stop(self, i: int | str, timeout: float = CTL_TIMEOUT_S) -> None:
         """Stops node ``i`` gracefully (``rabbitmqctl stop``) and waits until its process is gone."""
         node = self.node(i)
@@ -380,6 +396,7 @@ class LocalCluster:
         """Starts what is down, joins what is apart, enables the plugin where it is off. False: nothing to do."""
         self.preflight()
         self._prepare()
+        self._each(lambda n: self.freeze(n, frozen=False))  # one left frozen (a test cut short) answers nothing
         states = self._each(self.state)
         for node, state in zip(self.nodes, states):
             if state == "down":

@@ -1,4 +1,4 @@
-"""``python -m pool.devcluster up|down|status|kill N|stop-app N|start-app N|restart N`` (``make cluster``)."""
+"""``python -m pool.devcluster up|down|status|kill N|freeze N|thaw N|stop-app N|start-app N|restart N`` (``make cluster``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     down = sub.add_parser("down", help="stop all three nodes")
     down.add_argument("--wipe", action="store_true", help=f"then delete the data directory (${DIR_ENV}, {DEFAULT_DIR})")
     sub.add_parser("status", help="each node's name, URL and state; exit 1 unless all run")
-    for name, text in (("kill", "SIGKILL the node's beam.smp"), ("stop-app", "rabbitmqctl stop_app"),
+    for name, text in (("kill", "SIGKILL the node's beam.smp"),
+                       ("freeze", "SIGSTOP the node's beam.smp (a paused VM: connections stay open, nothing answers)"),
+                       ("thaw", "SIGCONT a frozen node"), ("stop-app", "rabbitmqctl stop_app"),
                        ("start-app", "rabbitmqctl start_app, and wait until it runs"),
                        ("restart", "stop it if it runs, start it, wait until it is back in the cluster")):
         one = sub.add_parser(name, help=text)
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down(args.wipe)
         elif args.command == "kill":
             print(f"{cluster.node(args.node).name}: killed pid {cluster.kill(args.node)}")
+        elif args.command in ("freeze", "thaw"):
+            pid = cluster.freeze(args.node, frozen=args.command == "freeze")
+            print(f"{cluster.node(args.node).name}: {'no process' if not pid else args.command + ' pid ' + str(pid)}")
+            return 0  # asking a frozen node for its state would hang
         elif args.command != "status":
             {"stop-app": cluster.stop_app, "start-app": cluster.start_app, "restart": cluster.restart}[args.command](
                 args.node)  # status: just the lines below

@@ -66,7 +66,8 @@ def test_the_environment_keeps_every_file_under_the_base_dir(tmp_path: Path) -> 
 
 
 def test_each_node_listens_on_loopback_on_its_own_port() -> None:
-    assert node_config(NODES[0]) == "listeners.tcp.local = 127.0.0.1:5681\n"
+    assert node_config(NODES[0]).splitlines() == ["listeners.tcp.local = 127.0.0.1:5681", "net_ticktime = 10",
+                                                  "cluster_partition_handling = autoheal"]
 
 
 def test_the_callers_rabbitmq_settings_do_not_leak_into_the_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,6 +91,7 @@ def test_the_base_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("argv, command, node", [(["up"], "up", None), (["status"], "status", None),
                                                  (["kill", "c2"], "kill", 2), (["stop-app", "3"], "stop-app", 3),
+                                                 (["freeze", "2"], "freeze", 2), (["thaw", "c2"], "thaw", 2),
                                                  (["start-app", "ctlpool-c1@localhost"], "start-app", 1),
                                                  (["restart", "ctlpool-c3"], "restart", 3)])
 def test_commands_parse(argv: list[str], command: str, node: int | None) -> None:
