@@ -126,7 +126,8 @@ def test_a_frozen_node_the_workers_use(nodes: LocalCluster, hosts: Hosts) -> Non
             # Then its workers fence themselves once their lease runs out, move to the other nodes,
             # and reconcile again there once the cluster has noticed the node is gone
             wait_until(lambda: reconciled_again(read_records(str(hosts.rec)), pids, t_freeze), FROZEN_RESUME_S,
-                       what="the frozen node's workers reconciling through another node")
+                       what="the frozen node's workers reconciling through another node (nodes started "
+                            "before the local cluster ran net_ticktime 10 take 60 s: make cluster-down cluster)")
         finally:
             nodes.freeze(victim, frozen=False)
         resumed = resumed_after_s(read_records(str(hosts.rec)), pids, t_freeze)
