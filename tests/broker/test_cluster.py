@@ -46,12 +46,16 @@ def nodes() -> Iterator[LocalCluster]:
         lc.up()
     except ClusterError as exc:
         pytest.fail(f"the local cluster could not start: {exc}; run: make cluster", pytrace=False)
-    # queues an interrupted earlier run left behind (every quorum queue costs each node a Raft member)
-    left = [str(q["name"]) for q in lc.queues() if re.match(r"c[0-9a-f]{10}x?\.", str(q["name"]))]
-    if left:
-        delete(lc.url_list(), left, [])
+    # what an interrupted earlier run left behind (every quorum queue costs each node a Raft member)
+    ours = re.compile(r"c[0-9a-f]{10}x?\.")
+    delete(lc.url_list(), [str(q["name"]) for q in lc.queues() if ours.match(str(q["name"]))],
+           [e for e in exchanges(lc) if ours.match(e)])
     yield lc
     lc.up()  # every node running again for whoever comes next
+
+
+def exchanges(lc: LocalCluster) -> list[str]:
+    return lc.ctl(running_node(lc), "list_exchanges", "name").split()
 
 
 @pytest.fixture
@@ -62,7 +66,7 @@ def hosts(nodes: LocalCluster, tmp_path: Any) -> Iterator[Hosts]:
     h.shutdown()
     nodes.up()
     names = [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(prefix + ".")]
-    delete(nodes.url_list(), names, [])
+    delete(nodes.url_list(), names, [e for e in exchanges(nodes) if e.startswith(prefix + ".")])
 
 
 def node_of(address: str) -> int:
@@ -398,4 +402,4 @@ def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster
         assert sizes == {2}
     finally:
         delete(nodes.url_list(), [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(other + ".")],
-               [])
+               [e for e in exchanges(nodes) if e.startswith(other + ".")])
