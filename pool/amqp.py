@@ -71,7 +71,7 @@ class Connection:
         self.address = ""
         """The node's host:port (``ctlpool status`` shows it)."""
         self.dropped = False
-        """Closed by the broker or the network, or given up by us (``forsake``)."""
+        """Closed by the broker or the network, not by us."""
         self.move_on: Callable[[], None] = lambda: None
         """Make the process's next connect start at the next node of a cluster's list (``connect`` sets it)."""
         self.blocked: str | None = None
@@ -84,7 +84,6 @@ class Connection:
         """The node went silent (paused, cut off, powered off: no TCP reset tells us): the
         process's next connect starts at the next node, at once (a close the node never answers
         takes a while), as if the broker had dropped this connection."""
-        self.dropped = True
         self.move_on()
 
     def _on_blocked(self, _raw: Any, frame: Any) -> None:
@@ -212,7 +211,7 @@ async def _connect_node(url: str, *, name: str, heartbeat_s: int) -> Connection:
 
     def on_close(_c: Any, reason: BaseException) -> None:
         if not closed.done():
-            conn.dropped = conn.dropped or not isinstance(reason, pika.exceptions.ConnectionClosedByClient)
+            conn.dropped = not isinstance(reason, pika.exceptions.ConnectionClosedByClient)
             closed.set_result(_gone(reason))
         if not opened.done():
             opened.set_exception(BrokerUnavailable(f"RabbitMQ at {redact_url(url)} closed the connection: {reason!r}"))

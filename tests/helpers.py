@@ -19,11 +19,11 @@ from pool.process import PoolExited, RunProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def list_names(prefix: str) -> tuple[list[str], list[str]]:
-    """Queues and exchanges whose names start with ``prefix.`` (via rabbitmqctl)."""
+def list_names(prefix: str, ctl_node: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Queues and exchanges whose names start with ``prefix.`` (via rabbitmqctl; ``("-n", NODE)``: a cluster's)."""
     def names(kind: str) -> list[str]:
-        out = subprocess.run(["rabbitmqctl", "-q", f"list_{kind}", "name"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(["rabbitmqctl", "-q", *ctl_node, f"list_{kind}", "name"], capture_output=True,
+                             text=True, timeout=60).stdout
         return [line.strip() for line in out.splitlines() if line.strip().startswith(prefix + ".")]
     return names("queues"), names("exchanges")
 
@@ -47,8 +47,8 @@ def _connect(url: str, tries: int = 3) -> pika.BlockingConnection:
     raise AssertionError("unreachable")
 
 
-def delete_prefix(url: str, prefix: str) -> None:
-    delete(url, *list_names(prefix))
+def delete_prefix(url: str, prefix: str, ctl_node: tuple[str, ...] = ()) -> None:
+    delete(url, *list_names(prefix, ctl_node))
 
 
 def delete(url: str, queues: list[str], exchanges: list[str]) -> None:

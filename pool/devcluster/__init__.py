@@ -64,10 +64,10 @@ class MissingTool(ClusterError):
 
 def node_config(node: Node) -> str:
     """The node's rabbitmq.conf: its own AMQP port, on loopback only (the default broker's file says
-    5672); a node cut off from the others (paused, partitioned) noticed after ``NET_TICKTIME_S``
-    and, once it sees them again, restarted if it lost the autoheal vote (the partition heals
-    itself: pause_minority does not notice a node that was paused itself, measured) (what a 3-node cluster should run:
-    README, Running on a RabbitMQ cluster)."""
+    5672). A node cut off from the others (paused, partitioned) is noticed after ``NET_TICKTIME_S``;
+    once it sees them again, autoheal restarts the losing side, so the partition heals itself
+    (measured: pause_minority does not notice a node that was itself paused). README, Running on
+    a RabbitMQ cluster, says why a real 3-node cluster wants the same."""
     return (f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}\n"
             f"net_ticktime = {NET_TICKTIME_S}\n"
             "cluster_partition_handling = autoheal\n")

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cluster.node(args.node).name}: killed pid {cluster.kill(args.node)}")
         elif args.command in ("freeze", "thaw"):
             pid = cluster.freeze(args.node, frozen=args.command == "freeze")
-            print(f"{cluster.node(args.node).name}: {'no process' if not pid else args.command + ' pid ' + str(pid)}")
+            print(f"{cluster.node(args.node).name}: {args.command} pid {pid}" if pid else
+                  f"{cluster.node(args.node).name}: no process")
             return 0  # asking a frozen node for its state would hang
         elif args.command != "status":
             {"stop-app": cluster.stop_app, "start-app": cluster.start_app, "restart": cluster.restart}[args.command](

@@ -28,7 +28,7 @@ import pytest
 from pool.publisher import Publisher
 from pool.devcluster import NODES, ClusterError, LocalCluster
 from tests.ctl_fixtures import read_records
-from tests.helpers import ctlpool_cli, delete, exists, wait_until
+from tests.helpers import ctlpool_cli, delete, delete_prefix, exists, wait_until
 from tests.hosts import Hosts
 from tests.load import Load
 from tests.ring import Ring
@@ -49,24 +49,22 @@ def nodes() -> Iterator[LocalCluster]:
     # what an interrupted earlier run left behind (every quorum queue costs each node a Raft member)
     ours = re.compile(r"c[0-9a-f]{10}x?\.")
     delete(lc.url_list(), [str(q["name"]) for q in lc.queues() if ours.match(str(q["name"]))],
-           [e for e in exchanges(lc) if ours.match(e)])
+           [e for e in lc.ctl(1, "list_exchanges", "name").split() if ours.match(e)])
     yield lc
     lc.up()  # every node running again for whoever comes next
 
 
-def exchanges(lc: LocalCluster) -> list[str]:
-    return lc.ctl(running_node(lc), "list_exchanges", "name").split()
+CTL_NODE = ("-n", NODES[0].name)  # rabbitmqctl asks c1 (every node runs again when a test cleans up)
 
 
 @pytest.fixture
 def hosts(nodes: LocalCluster, tmp_path: Any) -> Iterator[Hosts]:
     prefix = f"c{uuid.uuid4().hex[:10]}"
-    h = Hosts(nodes.url_list(), prefix, tmp_path, partitions=PARTITIONS, ctl_node=("-n", NODES[0].name))
+    h = Hosts(nodes.url_list(), prefix, tmp_path, partitions=PARTITIONS, ctl_node=CTL_NODE)
     yield h
     h.shutdown()
     nodes.up()
-    names = [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(prefix + ".")]
-    delete(nodes.url_list(), names, [e for e in exchanges(nodes) if e.startswith(prefix + ".")])
+    delete_prefix(nodes.url_list(), prefix, CTL_NODE)
 
 
 def node_of(address: str) -> int:
@@ -401,5 +399,4 @@ def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster
         sizes = {len(q["members"]) for q in nodes.queues() if str(q["name"]).startswith(other + ".")}
         assert sizes == {2}
     finally:
-        delete(nodes.url_list(), [str(q["name"]) for q in nodes.queues() if str(q["name"]).startswith(other + ".")],
-               [e for e in exchanges(nodes) if e.startswith(other + ".")])
+        delete_prefix(nodes.url_list(), other, CTL_NODE)
