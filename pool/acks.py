@@ -65,6 +65,11 @@ class AckBatch:
         done.clear()
         return frames
 
+    @property
+    def oldest(self) -> int | None:
+        """The oldest tag delivered and not yet acked, if any."""
+        return self._outstanding[0] if self._outstanding else None
+
     def __len__(self) -> int:
         """Deliveries not yet acked (or asked to be)."""
         return len(self._outstanding)

@@ -384,6 +384,11 @@ class ConfirmChannel:
         return fut
 
     @property
+    def frame_max(self) -> int:
+        """The largest frame the broker accepts on this connection (negotiated at the handshake)."""
+        return int(self.ch.conn.raw.params.frame_max)
+
+    @property
     def unconfirmed(self) -> int:
         return len(self._waiting)
 

@@ -45,8 +45,20 @@ def die_with_parent(sig: int) -> None:
                     os.strerror(ctypes.get_errno()))
 
 
-def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any, supervisor_pid: int) -> None:
-    """Entry point of a worker process (after fork); ``supervisor_pid`` is the pid that forked it."""
+def _started(pid: int) -> float | None:
+    """When the supervisor started (wall clock): this pool's age among pools sharing member ids."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any, supervisor_pid: int,
+                journal: Any = None) -> None:
+    """Entry point of a worker process (after fork); ``supervisor_pid`` is the pid that forked it,
+    ``journal`` the slot's in-flight journal store (``pool.journal.Store``)."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -87,7 +99,8 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
     except ConfigError as exc:  # `run` checked them before forking; a Supervisor used from code may not have
         logging.getLogger("ctlpool.worker").error("%s", exc, extra={"worker": index})
         sys.exit(EXIT_CONFIG)  # the supervisor stops: restarting can't fix a configuration
-    worker = Worker(settings=settings, controllers=controllers, index=index, on_state=report, metrics=metrics)
+    worker = Worker(settings=settings, controllers=controllers, index=index, on_state=report, metrics=metrics,
+                    journal=journal, pool_started=_started(supervisor_pid))
 
     reporter = MetricsReporter(metrics, send, worker=index)
 
@@ -104,3 +117,5 @@ def worker_main(settings: PoolSettings, index: int, cpu: int | None, status: Any
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+    if worker.exit_code:
+        sys.exit(worker.exit_code)  # EXIT_STALLED: the supervisor starts a fresh one; EXIT_CONFIG: it stops

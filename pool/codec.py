@@ -28,7 +28,13 @@ H_PARKED_FROM = "x-ctlpool-parked-from"  # partition queue it was parked from
 H_PARKED_MS = "x-ctlpool-parked-ms"  # wall-clock ms when parked
 H_SEQ = "x-ctlpool-seq"  # publisher sequence, to match a basic.return to its publish
 H_DROPPED = "x-ctlpool-dropped-headers"  # names of foreign headers a republish could not carry
+H_DROPPED_PROPS = "x-ctlpool-dropped-properties"  # AMQP properties a republish did not carry (``pool.copies``)
+H_MISROUTED = "x-ctlpool-misrouted"  # how a re-routed copy had reached a partition other than through the ring
 H_BAD_FRAME = "x-ctlpool-bad-frame"  # set by ``pool.frames`` when a delivery's header frame could not be decoded
+
+# AMQP's sender-selected distribution: a copy for each routing key listed. The broker keeps CC in
+# what it delivers (BCC it strips), so a key's event can sit in another key's partition.
+ROUTING_HEADERS = ("CC", "BCC")
 
 # Headers the broker adds on dead-lettering; a republish strips them (DESIGN fact 6).
 BROKER_HEADERS = frozenset(
@@ -43,6 +49,8 @@ PARK_INVALID = "invalid"
 PARK_DELIVERIES = "too-many-deliveries"
 PARK_BAD_HEADERS = "bad-headers"
 PARK_INTERNAL = "internal-error"
+PARK_LOOP_BLOCKED = "loop-blocked"
+PARK_BAD_KEY = "bad-key"
 
 MAX_ERROR_CHARS = 2000  # headers live in every frame; a traceback-sized error is enough
 MAX_ATTEMPT = 1_000_000  # an attempt count beyond any retry policy; larger header values are forged
@@ -85,6 +93,7 @@ def encode(payload: Any) -> bytes:
 
 def clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of ``headers`` for a fresh republish: without what the broker added (DESIGN fact 6),
+    without ``CC``/``BCC`` (they would copy it to the queues or keys they name once more),
     without our own bookkeeping of the previous hop, and without any value that would not encode
     again (a foreign publisher's double of 1e19 decodes to an int no AMQP type holds, a table
     nested too deep, a key longer than a short string). Dropped names go in ``H_DROPPED``, so a
@@ -94,7 +103,7 @@ def clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     dropped: list[str] = []
     for k, v in headers.items():
-        if k in BROKER_HEADERS or k == H_SEQ or k == H_DROPPED:
+        if k in BROKER_HEADERS or k in ROUTING_HEADERS or k == H_SEQ or k == H_DROPPED:
             continue
         if _encodes(k, v):
             out[k] = v

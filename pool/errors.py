@@ -11,6 +11,11 @@
     │       └── Nacked           basic.nack: the broker refused it
     └── Permanent                raised by a reconcile: park the event now, never retry
 
+    BaseException
+    └── LoopBlocked              raised *into* a reconcile step that held the event loop nearly
+                                 as long as the lease (``pool.blocker``): blamed like a death,
+                                 retried through the delay tiers, parked at --max-deliveries
+
 Any other exception raised by a reconcile means "retry with backoff" (see
 ``pool.retries``); a reconcile never retries by itself.
 """
@@ -64,3 +69,15 @@ class Nacked(PublishError):
 
 class Permanent(CtlpoolError):
     """Raised by a reconcile: this event can never succeed; park it with this message."""
+
+
+class LoopBlocked(BaseException):
+    """Raised into a reconcile step that blocked the event loop ``seconds`` (``pool.blocker``).
+
+    A ``BaseException``, like ``CancelledError``, so ``except Exception`` in a reconcile lets it through.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"a reconcile step held the event loop for {seconds:.1f}s and was interrupted before "
+                         "the worker's lease ran out")
+        self.seconds = seconds

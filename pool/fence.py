@@ -13,7 +13,7 @@ that arrives after the lease ran out does not renew it (it may be data queued be
 broker closed us), the lease is lost for the rest of the session, and ``on_lost`` tells the
 worker, which cancels everything in flight and rejoins.
 
-``first_step(coro, lease, on_slow, *args)`` runs a reconcile's first step in place (most
+``first_step(coro, lease, steps, *args)`` runs a reconcile's first step in place (most
 reconciles finish in it) and returns, if it waits, an awaitable for the rest that checks the
 lease before each further step (``fenced`` does both); the lease is checked before the first
 step too: once it is lost the coroutine gets ``CancelledError`` thrown in at its next
@@ -22,9 +22,11 @@ the socket that would report a dead connection, so after a freeze (SIGSTOP, a VM
 blocking call on the loop) this check, which reads the clock, is what stops the step — not
 the connection loss. What it cannot stop: the step already executing when the freeze came.
 
-``on_slow(seconds, *args)`` hears of each step that held the loop ``SLOW_STEP_S`` or more (the
-blocked-loop watchdog: the worker names the controller and key). Cost: two clock reads and a
-lease check per step (measured in ``bench/README.md``).
+``Steps`` is what the driver tells the rest of the process: ``started`` is when the step now
+running began (0.0 between steps), which ``pool.blocker``'s watchdog thread reads to interrupt
+a step that would outlast the lease; ``on_slow(seconds, *args)`` hears of each step that held
+the loop ``SLOW_STEP_S`` or more (the worker names the controller and key). Cost: two clock
+reads, two stores and a lease check per step (measured in ``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -77,12 +79,21 @@ class Lease:
         self.on_lost(self.why)
 
 
+class Steps:
+    """The step now running (``started``, a clock reading; 0.0 between steps) and who hears of slow ones."""
+
+    __slots__ = ("started", "on_slow")
+
+    def __init__(self, on_slow: Callable[..., None] = lambda seconds, *args: None) -> None:
+        self.started = 0.0
+        self.on_slow = on_slow
+
+
 class Fenced(asyncio.CancelledError):
     """Thrown into a reconcile whose worker lost its lease (a subclass of ``CancelledError``)."""
 
 
-def first_step(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[..., None],
-               *args: Any) -> tuple[bool, Any]:
+def first_step(coro: Coroutine[Any, Any, Any], lease: Lease, steps: Steps, *args: Any) -> tuple[bool, Any]:
     """Check the lease, then run ``coro``'s first step here: ``(True, result)`` when it finished
     in it (the common case costs no more than this call), ``(False, awaitable)`` when it waits:
     await that for the rest, each step checked (``rest``). Raises ``Fenced`` without starting it
@@ -93,15 +104,17 @@ def first_step(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[.
         lease.valid()  # records and reports the loss
         coro.close()
         raise Fenced(lease.why)
+    steps.started = t0
     try:
         yielded = coro.send(None)
     except StopIteration as stop:
         return True, stop.value
     finally:
+        steps.started = 0.0
         took = lease_clock() - t0
         if took >= SLOW_STEP_S:
-            on_slow(took, *args)
-    return False, _Rest(coro, yielded, lease, on_slow, args)
+            steps.on_slow(took, *args)
+    return False, _Rest(coro, yielded, lease, steps, args)
 
 
 class _Rest:
@@ -109,14 +122,14 @@ class _Rest:
     step waits on, then checks the lease before every further step. Its own iterator, so a step
     costs a method call, not a generator frame (``eager._Resume`` is built the same way)."""
 
-    __slots__ = ("_coro", "_pending", "_lease", "_on_slow", "_args", "_t0")
+    __slots__ = ("_coro", "_pending", "_lease", "_steps", "_args", "_t0")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any, lease: Lease, on_slow: Callable[..., None],
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any, lease: Lease, steps: Steps,
                  args: tuple[Any, ...]) -> None:
         self._coro = coro
         self._pending: Any = pending
         self._lease = lease
-        self._on_slow = on_slow
+        self._steps = steps
         self._args = args
         self._t0 = 0.0
 
@@ -130,9 +143,10 @@ class _Rest:
         return self.send(None)
 
     def _stepped(self) -> None:
+        self._steps.started = 0.0
         took = self._lease.clock() - self._t0
         if took >= SLOW_STEP_S:
-            self._on_slow(took, *self._args)
+            self._steps.on_slow(took, *self._args)
 
     def send(self, value: Any) -> Any:
         pending = self._pending
@@ -144,6 +158,7 @@ class _Rest:
         if lease.lost or now > lease.until:
             lease.valid()
             return self.throw(Fenced(lease.why))
+        self._steps.started = now
         try:
             return self._coro.send(value)
         finally:
@@ -153,7 +168,7 @@ class _Rest:
         self._pending = None
         if not isinstance(typ, BaseException):
             typ = typ() if val is None else val
-        self._t0 = self._lease.clock()
+        self._t0 = self._steps.started = self._lease.clock()
         try:
             return self._coro.throw(typ)
         finally:
@@ -163,8 +178,8 @@ class _Rest:
         self._coro.close()
 
 
-async def fenced(coro: Coroutine[Any, Any, Any], lease: Lease, on_slow: Callable[..., None], *args: Any) -> Any:
-    """Await ``coro`` with the lease checked before every step; ``on_slow(seconds, *args)``
+async def fenced(coro: Coroutine[Any, Any, Any], lease: Lease, steps: Steps, *args: Any) -> Any:
+    """Await ``coro`` with the lease checked before every step; ``steps.on_slow(seconds, *args)``
     hears of a step that held the loop ``SLOW_STEP_S`` or more."""
-    finished, value = first_step(coro, lease, on_slow, *args)
+    finished, value = first_step(coro, lease, steps, *args)
     return value if finished else await value

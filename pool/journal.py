@@ -1,19 +1,24 @@
 """Which deliveries were inside a reconcile when a worker died: the in-flight journal.
 
-Data flow: each worker maps a small file, ``<state-dir>/<node-id>-<slot>.inflight``, of
-``concurrency`` fixed records. Before a reconcile starts, the worker writes the digest of the
-event it hands to the controller (``digest(key, body)``: a CRC-32 of key and body and the
-body's length) and the deaths already blamed on that event into a free record (``enter``); when
-the reconcile ends, however it ends, it zeroes that record (``leave``). Writes go to a shared
-file mapping: stores into the page cache, no system call, and they outlive the process however
-it dies (SIGKILL, a segfault, the OOM killer) — not the host, which is all they have to.
+Data flow: the supervisor gives each worker slot a ``Store``: ``concurrency`` fixed records in a
+shared memory mapping that every process of the slot inherits across ``fork``. It is backed by
+``<state-dir>/<node-id>-<slot>.inflight`` when the state directory can hold it (so the records
+also outlive the supervisor: a pool restarted by systemd still blames what the last one died
+holding), and by anonymous shared memory when it can't (read-only, refused: one WARNING from
+the supervisor; the counts then live as long as the supervisor does). Before a reconcile starts,
+the worker's ``Journal`` writes the digest of the event it hands to the controller (``digest(key,
+body)``: a CRC-32 of key and body and the body's length) and the deaths already blamed on that
+event into a free record (``enter``); when the reconcile ends, however it ends, it zeroes that
+record (``leave``). Stores into the mapping cost no system call, and they outlive the process
+however it dies (SIGKILL, a segfault, the OOM killer).
 
-After a death, the supervisor reads the file (``read_inflight``) to tell a crash inside a
-reconcile from one outside, and the slot's next worker takes the records (``take_leftover``)
+After a death, the supervisor reads the records (``Store.records``) to tell a crash inside a
+reconcile from one outside, and the slot's next worker takes them (``Journal.take_leftover``)
 as blame: each of those events has now killed a worker one more time, and that count is what
-``--max-deliveries`` limits. Nothing else
-does — a connection flap, a broker restart, a drain or a frozen worker redelivers without
-blame (DESIGN G3). A clean exit leaves every record zero.
+``--max-deliveries`` limits. Nothing else does — a connection flap, a broker restart, a drain or
+a frozen worker redelivers without blame (DESIGN G3). A clean exit leaves every record zero.
+A journal file of another size is read only up to this one's (a sparse or corrupt file can't
+make the reader load gigabytes).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import mmap
 import os
 import struct
 import zlib
+
+from .statedir import open_regular
 
 # A record: CRC-32 of key and body, the body's length (mod 2^16), deaths blamed before this
 # reconcile. A CRC, not a cryptographic hash: it is computed for every reconcile (~0.2 us
@@ -47,43 +54,59 @@ def path_for(state_dir: str, node_id: str, slot: int) -> str:
     return os.path.join(state_dir, f"{node_id}-{slot}.inflight")
 
 
-def read_inflight(path: str) -> dict[bytes, int]:
-    """Events a journal file shows inside a reconcile -> deaths blamed on each, counting the one
-    that left them there (empty when the file does not exist)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        return {}
-    out: dict[bytes, int] = {}
-    for i in range(0, len(data) - RECORD + 1, RECORD):
-        rec = data[i:i + RECORD]
-        if rec != _ZERO:
-            out[rec[:DIGEST]] = max(out.get(rec[:DIGEST], 0), rec[DIGEST] + 1)
-    return out
+class Store:
+    """A slot's records in shared memory (see the module docstring); ``path`` is None when anonymous."""
+
+    __slots__ = ("map", "path")
+
+    def __init__(self, mapping: mmap.mmap, path: str | None) -> None:
+        self.map = mapping
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str, slots: int) -> "Store":
+        """The slot's journal file, mapped (``OSError`` when it can't be: the caller falls back)."""
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(fd, slots * RECORD)  # a file of another size is read up to ours, no further
+            return cls(mmap.mmap(fd, slots * RECORD), path)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def anonymous(cls, slots: int) -> "Store":
+        return cls(mmap.mmap(-1, slots * RECORD), None)
+
+    def records(self) -> dict[bytes, int]:
+        """Events inside a reconcile -> deaths blamed on each, counting the one that left them there."""
+        data = self.map[:]
+        out: dict[bytes, int] = {}
+        for i in range(0, len(data) - RECORD + 1, RECORD):
+            rec = data[i:i + RECORD]
+            if rec != _ZERO:
+                out[rec[:DIGEST]] = max(out.get(rec[:DIGEST], 0), rec[DIGEST] + 1)
+        return out
+
+    def clear(self) -> None:
+        self.map[:] = bytes(len(self.map))
 
 
 class Journal:
-    """One worker's journal (see the module docstring). Not thread-safe: the event loop owns it."""
+    """One worker's writer over its slot's ``Store``. Not thread-safe: the event loop owns it."""
 
-    __slots__ = ("path", "_map", "_free")
+    __slots__ = ("store", "_map", "_free")
 
-    def __init__(self, path: str, slots: int) -> None:
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, slots * RECORD)
-            self._map = mmap.mmap(fd, slots * RECORD)
-        finally:
-            os.close(fd)
-        self._free = list(range(slots - 1, -1, -1))
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._map = store.map
+        self._free = list(range(len(store.map) // RECORD - 1, -1, -1))
 
     @classmethod
-    def take_leftover(cls, path: str, slots: int) -> tuple["Journal", dict[bytes, int]]:
-        """Open the slot's journal afresh, returning what its previous process left in flight."""
-        leftover = read_inflight(path)
-        return cls(path, slots), leftover
+    def take_leftover(cls, store: Store) -> tuple["Journal", dict[bytes, int]]:
+        """Start the slot's journal afresh, returning what its previous process left in flight."""
+        leftover = store.records()
+        store.clear()
+        return cls(store), leftover
 
     def enter(self, key: str | bytes, body: bytes, deaths: int) -> int:
         """Record the event (``key``, ``body``) as inside a reconcile, ``deaths`` already blamed
@@ -104,5 +127,4 @@ class Journal:
 
     def close(self) -> None:
         """A clean exit: nothing was in flight."""
-        self._map[:] = bytes(len(self._map))
-        self._map.close()
+        self.store.clear()

@@ -2,7 +2,9 @@
 
 Structured fields ride on ``extra=``: worker, controller, key, partition, attempt,
 duration_ms. The hot path logs nothing at info level; errors, retries, parking,
-acquisitions and connection changes are logged.
+acquisitions and connection changes are logged. Keys, errors and names from outside reach
+these lines, so control, C1 and bidi characters are written as visible escapes
+(``pool.text``): a key can't forge a line, repaint a terminal or reorder what a reader sees.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 import time
 
 import orjson
+
+from .text import escape, json_safe
 
 FIELDS = ("worker", "controller", "key", "partition", "attempt", "duration_ms", "node")
 
@@ -32,13 +36,14 @@ class JsonFormatter(logging.Formatter):
                 out[f] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return json_safe(orjson.dumps(out, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{f}={record.__dict__[f]}" for f in FIELDS if record.__dict__.get(f) is not None)
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = " ".join(f"{f}={escape(record.__dict__[f])}" for f in FIELDS if record.__dict__.get(f) is not None)
+        line = (f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
+                f"{escape(record.getMessage())}")
         if extras:
             line += f"  [{extras}]"
         if record.exc_info:

@@ -33,6 +33,11 @@ class Heartbeat(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why the broker blocks this member's publishing (a memory or disk alarm); empty when it doesn't."""
     broker: str = ""
     """The broker node this member consumes from (host:port), shown by ``ctlpool status``."""
+    since: float = 0.0
+    """When this member's pool (its supervisor) started, wall clock: of two live members with one
+    id, the later one stops (``pool.worker.ownership``)."""
+    oldest_unacked_s: float = 0.0
+    """How long its oldest delivery not yet acked has been held (a stalled worker shows here)."""
 
 
 _encoder = msgspec.json.Encoder()

@@ -89,6 +89,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Sessions a worker dropped because its lease ran out (frozen process or blocked event loop)"),
     Family("ctlpool_loop_blocked_total", "counter",
            "Reconcile steps that held a worker's event loop for a second or more", ("controller",)),
+    Family("ctlpool_stalls_total", "counter",
+           "Sessions a worker ended because it held work no reconcile would start (a liveness bug, logged)"),
+    Family("ctlpool_oldest_unacked_seconds", "gauge",
+           "How long each worker's oldest delivery not yet acked has been held (to within a second)", ("worker",)),
     Family("ctlpool_broker_blocked", "gauge",
            "Worker publish connections the broker blocks (memory or disk alarm)"),
     Family("ctlpool_worker_restarts_total", "counter", "Worker processes restarted by the supervisor after dying"),
@@ -183,6 +187,10 @@ class WorkerMetrics:
         """A reconcile step held the event loop for ``worker.BLOCKED_STEP_S`` or more."""
         self._counter(("ctlpool_loop_blocked_total", (controller,)))[0] += 1
 
+    def stalled(self) -> None:
+        """The worker held work no reconcile would start, and started a fresh session."""
+        self._counter(("ctlpool_stalls_total", ()))[0] += 1
+
     def broker_blocked(self, blocked: bool) -> None:
         self._gauges[("ctlpool_broker_blocked", ())] = 1 if blocked else 0
 
@@ -199,6 +207,9 @@ class WorkerMetrics:
 
     def owned(self, controller: str, partitions: int) -> None:
         self._gauges[("ctlpool_partitions_owned", (controller,))] = partitions
+
+    def oldest_unacked(self, worker: int, seconds: float) -> None:
+        self._gauges[("ctlpool_oldest_unacked_seconds", (str(worker),))] = round(seconds, 1)
 
     # ---- plumbing
 

@@ -1,8 +1,12 @@
 """One supervisor per node id per host: an exclusive ``flock`` on ``<state_dir>/<node_id>.lock``.
 
-Data flow: ``acquire`` creates the state directory (0700) if it is missing, opens the lock
-file, takes a non-blocking exclusive ``flock`` and writes the holder's pid into the file;
-the returned ``NodeLock`` keeps the file open until ``release``. Two supervisors with the
+Data flow: ``acquire`` prepares the state directory (``pool.statedir``: created 0700, or
+refused when anyone else controls it), opens the lock file (a regular file, no symlink
+followed), takes a non-blocking exclusive ``flock`` and writes the holder's pid into the file;
+the returned ``NodeLock`` keeps the file open until ``release``. A lock file removed under a
+running pool (a tmp cleaner's ``rm -rf`` of the directory) would let a second pool with the
+same node id start: the supervisor calls ``check`` every tick, which notices and takes the
+lock afresh at the same path, or raises ``ConfigError`` when another process got there first. Two supervisors with the
 same ``--node-id`` would announce the same member ids (``node_id/worker_index``) and fight
 over the same partitions, so the second one gets ``ConfigError`` (exit 2) naming the pid
 that holds the lock.
@@ -23,10 +27,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from . import statedir
 from .errors import ConfigError
-
-STATE_DIR_MODE = 0o700  # journals and locks are this user's business only
-LOCK_FILE_MODE = 0o600
 
 
 @dataclass
@@ -35,6 +37,22 @@ class NodeLock:
 
     path: str
     fd: int
+    node_id: str = ""
+
+    def check(self) -> bool:
+        """Whether the lock file is still ours at its path; if it vanished, lock it afresh (True
+        then). ``ConfigError`` when that is impossible (another process holds the new one)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            mine = os.fstat(self.fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return False
+        except FileNotFoundError:
+            pass
+        fresh = acquire(os.path.dirname(self.path), self.node_id)
+        self.release()  # the old inode's lock guards nothing any more
+        self.fd = fresh.fd
+        return True
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -49,9 +67,9 @@ def lock_path(state_dir: str, node_id: str) -> str:
 def acquire(state_dir: str, node_id: str) -> NodeLock:
     """Lock ``node_id`` on this host, or raise ``ConfigError`` saying who holds it (or why the dir is unusable)."""
     path = lock_path(state_dir, node_id)
+    statedir.prepare(state_dir)
     try:
-        os.makedirs(state_dir, mode=STATE_DIR_MODE, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, LOCK_FILE_MODE)
+        fd = statedir.open_regular(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise ConfigError(f"--state-dir {state_dir}: cannot create the node-id lock {path}: "
                           f"{exc.strerror or exc}") from None
@@ -70,7 +88,7 @@ def acquire(state_dir: str, node_id: str) -> NodeLock:
         os.close(fd)
         raise ConfigError(f"--state-dir {state_dir}: cannot write the node-id lock {path}: "
                           f"{exc.strerror or exc}") from None
-    return NodeLock(path, fd)
+    return NodeLock(path, fd, node_id)
 
 
 def in_use_message(node_id: str, holder: int | None, path: str) -> str:

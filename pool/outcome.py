@@ -6,10 +6,14 @@ not the worker's) — with the controller's retry policy and the event's attempt
 back one of:
 
 - ``Ack``: converged; ack every delivery the reconcile covered;
-- ``Delay(seconds, attempt, error)``: send the latest event through the delay tiers carrying
-  ``attempt``, then ack — a ``requeue_after`` (``error`` empty, attempt 0) or a retry after
-  a failure (``error`` says what failed);
+- ``Delay(seconds, attempt, error, deaths)``: send the latest event through the delay tiers
+  carrying ``attempt`` (and ``deaths``), then ack — a ``requeue_after`` (``error`` empty,
+  attempt 0) or a retry after a failure (``error`` says what failed);
 - ``Park(reason, error)``: move it to the parking queue with the reason, then ack.
+
+A step that blocked the event loop until ``pool.blocker`` interrupted it (``LoopBlocked``) is
+blamed like a death inside a reconcile: one more toward ``--max-deliveries`` (``deaths``, which
+the event carries), parked as ``loop-blocked`` at the limit, else retried with backoff.
 
 Settling (publishing, confirming, acking) is the worker's; so is what happens when the broker
 refuses it. Randomness (the retry jitter) is passed in.
@@ -20,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .codec import PARK_MAX_ATTEMPTS, PARK_PERMANENT
+from .codec import PARK_LOOP_BLOCKED, PARK_MAX_ATTEMPTS, PARK_PERMANENT
 from .controller import Result
-from .errors import Permanent
+from .errors import LoopBlocked, Permanent
 from .retries import RetryPolicy
 
 
@@ -39,6 +43,8 @@ class Delay:
     attempt: int
     error: str = ""
     """Empty for a ``requeue_after``; the failure being retried otherwise."""
+    deaths: int = 0
+    """Deaths inside a reconcile (and loop blocks) the retried copy carries toward ``--max-deliveries``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +67,12 @@ def describe(exc: BaseException, timeout_s: float) -> str:
 
 
 def decide(produced: Any, *, policy: RetryPolicy, attempt: int, timeout_s: float,
-           rand: Callable[[], float]) -> Decision:
-    """See the module docstring. ``produced`` is the return value, or the exception raised."""
+           rand: Callable[[], float], deaths: int = 0, max_deliveries: int = 3) -> Decision:
+    """See the module docstring. ``produced`` is the return value, or the exception raised;
+    ``deaths`` is what the event carried toward ``max_deliveries``."""
+    if isinstance(produced, LoopBlocked):
+        return _blocked(produced, policy=policy, attempt=attempt, rand=rand, deaths=deaths + 1,
+                        max_deliveries=max_deliveries)
     if isinstance(produced, Permanent):
         return Park(PARK_PERMANENT, str(produced) or "Permanent")
     if not isinstance(produced, BaseException):
@@ -77,3 +87,16 @@ def decide(produced: Any, *, policy: RetryPolicy, attempt: int, timeout_s: float
     if policy.exhausted(failures):
         return Park(PARK_MAX_ATTEMPTS, f"after {failures} attempts: {error}")
     return Delay(policy.delay_s(failures, rand), failures, error)
+
+
+def _blocked(exc: LoopBlocked, *, policy: RetryPolicy, attempt: int, rand: Callable[[], float], deaths: int,
+             max_deliveries: int) -> Decision:
+    error = (f"a reconcile step held the event loop for {exc.seconds:.1f}s (interrupted before the lease ran out; "
+             f"{deaths} of --max-deliveries {max_deliveries}); blocking calls belong in a plain def reconcile "
+             "or run_in_executor")
+    if deaths >= max_deliveries:
+        return Park(PARK_LOOP_BLOCKED, error)
+    failures = attempt + 1
+    if policy.exhausted(failures):
+        return Park(PARK_MAX_ATTEMPTS, f"after {failures} attempts: {error}")
+    return Delay(policy.delay_s(failures, rand), failures, error, deaths)

@@ -7,18 +7,21 @@ removing none. Then, for the messages a ``Selection`` matches:
 
 - ``list`` / ``show`` only read;
 - ``replay`` publishes a fresh copy through ``<prefix>.<C>`` with the item key as routing key
-  (persistent, mandatory, confirmed; body untouched; the park headers and the attempt count
-  dropped, so the event gets a full retry budget) and acks the parked copy only once the
-  broker confirmed the copy. Dying in between leaves both: a duplicate, never a loss;
+  (persistent, mandatory, confirmed; body and AMQP properties kept as ``pool.copies`` keeps
+  them; the park headers and the attempt count dropped, so the event gets a full retry budget)
+  and acks the parked copy only once the broker confirmed the copy. Dying in between leaves
+  both: a duplicate, never a loss;
 - ``purge`` acks (removes) them.
 
 ``close`` cancels the consumer and nacks everything still held back with requeue in one
 frame, so untouched messages keep their place and order.
 
 The item key of a parked message is read from the ``x-ctlpool-key`` header, else from
-``x-death`` (the broker dead-lettered it from a partition at its delivery limit); a message
-with neither cannot be replayed (the worker parks through the default exchange, so the
-routing key is the parking queue's name).
+``x-death`` (the broker dead-lettered it from a partition: at its delivery limit, or because
+the publisher's per-message ``expiration`` ran out while it waited there); a message with
+neither cannot be replayed (the worker parks through the default exchange, so the routing key
+is the parking queue's name). What the broker dead-lettered carries no error of ours, so
+``describe`` says what happened and how to stop it (``broker_error``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-import pika
 
-from . import codec
+from . import codec, copies
 from .amqp import NOT_FOUND, ChannelGone, ConfirmChannel, Connection
 from .errors import ConfigError, PublishError
 from .topology import Names
@@ -62,7 +64,8 @@ class Parked:
     """The partition queue it was parked from."""
     body: bytes
     headers: dict[str, Any]
-    content_type: str | None
+    props: Any
+    """The parked message's AMQP properties (a replay keeps them, ``pool.copies``)."""
     tag: int
 
     @property
@@ -77,7 +80,7 @@ class Parked:
         }
         if body:
             out["headers"] = {k: _plain(v) for k, v in self.headers.items()}
-            out["content_type"] = self.content_type
+            out["content_type"] = self.props.content_type
             try:
                 out["body"] = self.body.decode()
             except UnicodeDecodeError:
@@ -138,17 +141,36 @@ def describe(position: int, tag: int, routing_key: str, props: Any, body: bytes,
         keys = first_death.get("routing-keys") or []
         key = _text(keys[0]) if keys else (routing_key if routing_key != parked_queue else None)
     reason = _text(headers.get(codec.H_REASON))
+    error = _text(headers.get(codec.H_ERROR)) or ""
+    parked_from = _text(headers.get(codec.H_PARKED_FROM)) or _text(first_death.get("queue"))
     if reason is None:
         reason = f"broker:{_text(first_death.get('reason')) or 'unknown'}"
+        error = broker_error(reason, first_death, parked_from, parked_queue)
     parked_ms = headers.get(codec.H_PARKED_MS)
     attempt = headers.get(codec.H_ATTEMPT, 0)
     return Parked(
-        position=position, key=key, reason=reason, error=_text(headers.get(codec.H_ERROR)) or "",
+        position=position, key=key, reason=reason, error=error,
         attempt=attempt if isinstance(attempt, int) else 0,
         parked_at=parked_ms / 1000 if isinstance(parked_ms, int) else None,
-        parked_from=_text(headers.get(codec.H_PARKED_FROM)) or _text(first_death.get("queue")),
-        body=body, headers=headers, content_type=props.content_type, tag=tag,
+        parked_from=parked_from, body=body, headers=headers, props=props, tag=tag,
     )
+
+
+def broker_error(reason: str, death: dict[str, Any], queue: str | None, parked_queue: str) -> str:
+    """What a message the broker dead-lettered (no error text of ours) went through, and what to do."""
+    controller = parked_queue.rsplit(".", 2)[-2] if parked_queue.count(".") >= 2 else "CONTROLLER"
+    replay = f"ctlpool parked replay {controller} --reason {reason}"
+    if reason == "broker:expired":
+        ttl = _text(death.get("original-expiration")) or "?"
+        return (f"the publisher set a per-message expiration ({ttl} ms) and it ran out while the event waited in "
+                f"{queue or 'its partition'}: the broker dead-lettered a healthy event. ctlpool never sets one; "
+                f"publish without the 'expiration' property, and bring these back with: {replay} (a replay drops "
+                "it)")
+    if reason == "broker:delivery_limit":
+        return (f"delivered by {queue or 'its partition'} as often as its x-delivery-limit allows without an ack: "
+                "it kept killing (or stalling) the workers that took it before they could park it. Fix the "
+                f"reconcile, then: {replay}")
+    return f"dead-lettered by the broker from {queue or 'a queue'} ({reason[len('broker:'):]})"
 
 
 def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
@@ -214,9 +236,15 @@ class ParkingLot:
         await self._check_exchange()
         if self._pub is None:
             self._pub = await self.conn.confirm_channel()
-        futures = [self._pub.publish(self.names.exchange, p.key or "", p.body, replay_headers(p.headers),
-                                     pika.BasicProperties(content_type=p.content_type))
-                   for p in sendable]
+        futures = []
+        for p in sendable:
+            headers = replay_headers(p.headers)
+            try:
+                props = copies.fit(copies.properties(p.props, headers), self._pub.frame_max)
+            except copies.FrameTooLarge as exc:
+                futures.append(self._failed(PublishError(str(exc))))
+                continue
+            futures.append(self._pub.publish(self.names.exchange, p.key or "", p.body, headers, props))
         results = await asyncio.gather(*futures, return_exceptions=True)
         for p, r in zip(sendable, results):
             if isinstance(r, BaseException):
@@ -227,6 +255,12 @@ class ParkingLot:
                 failed.append((p, "the parking queue's channel closed before the ack; the parked copy stays"))
         failed.sort(key=lambda f: f[0].position)
         return failed
+
+    @staticmethod
+    def _failed(exc: BaseException) -> asyncio.Future[None]:
+        f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        f.set_exception(exc)
+        return f
 
     def remove(self, items: list[Parked]) -> None:
         """Delete them from the parking queue (ack)."""

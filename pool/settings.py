@@ -38,6 +38,7 @@ MAX_CONCURRENCY = 10_000  # each plain-def reconcile in flight holds a thread; f
 MAX_SECONDS = 86_400.0  # a day: beyond any sane timeout or interval, and far from timer overflow (time_t)
 MIN_HEARTBEAT_INTERVAL_S = 0.01  # each worker publishes every interval: faster floods the members exchange
 MEMBER_TIMEOUT_HEARTBEATS = 2  # a member is dropped only after missing at least this many heartbeats
+MAX_TIER_S = 366 * 86_400  # a delay tier past a year and a day is a unit mistake (the broker refuses ~4,000 years)
 
 
 @dataclass(frozen=True)
@@ -128,16 +129,24 @@ class PoolSettings:
     """Address the metrics endpoint listens on; ``0.0.0.0`` to let a remote Prometheus scrape it."""
     state_dir: str = field(default_factory=lambda: default_state_dir(os.environ))
     """Where workers journal their in-flight deliveries (crash attribution) and the node id is locked;
-    default: systemd's ``$RUNTIME_DIRECTORY``, else ``ctlpool-<uid>`` in the temp directory."""
+    default: systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/ctlpool``, else ``ctlpool-<uid>``
+    in the temp directory; created 0700, refused if anyone else controls it (``pool.statedir``)."""
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     topology: TopologySettings = field(default_factory=TopologySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
 
 def default_state_dir(env: Mapping[str, str]) -> str:
-    """systemd's RuntimeDirectory= (tmpfs: a journal only has to outlive a process, not the host)."""
+    """systemd's RuntimeDirectory= (tmpfs: a journal only has to outlive a process, not the host),
+    else the user's private runtime directory, else a directory of ours in the temp directory
+    (``pool.statedir`` refuses it if someone else made it first)."""
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return runtime or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}")
+    if runtime:
+        return runtime
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    if xdg:
+        return os.path.join(xdg, "ctlpool")
+    return os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}")
 
 
 # ---- parsers: str | TOML value -> value, raising ValueError with a short reason ----
@@ -262,6 +271,8 @@ def _tiers(v: Any) -> tuple[int, ...]:
         raise ValueError("expected comma-separated positive whole seconds") from None
     if not tiers or list(tiers) != sorted(set(tiers)):
         raise ValueError("expected increasing positive whole seconds, e.g. 1,4,16,64")
+    if tiers[-1] > MAX_TIER_S:
+        raise ValueError(f"expected delay tiers of at most {MAX_TIER_S} seconds (a year and a day)")
     return tiers
 
 
@@ -324,7 +335,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-level", None, "log_level", _choice("debug", "info", "warning", "error"), "debug|info|warning|error", "LEVEL"),
     Option("metrics-port", None, "metrics_port", _port, "serve /metrics, /livez, /readyz on this port (default 0: off; 9464 is usual)", "PORT"),
     Option("metrics-host", None, "metrics_host", _host, "address of the metrics endpoint (default 127.0.0.1)", "ADDR"),
-    Option("state-dir", None, "state_dir", _dir, "in-flight journals and the node-id lock (default $RUNTIME_DIRECTORY or a temp dir)", "DIR"),
+    Option("state-dir", None, "state_dir", _dir, "in-flight journals and the node-id lock, private to this user (default $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/ctlpool or a temp dir)", "DIR"),
     Option("amqp-url", "broker", "amqp_url", parse_urls, "broker URL; prefer CTLPOOL_AMQP_URL or --amqp-url-file so the password stays off the command line", "URL"),
     Option("amqp-url-file", "broker", "amqp_url", read_url_file, "read the broker URL from this file (systemd credentials)", "FILE"),
     Option("prefix", "broker", "prefix", _name, "exchange/queue name prefix (default ctl)", "NAME"),
@@ -394,7 +405,7 @@ def resolve(
             continue
         for source, raw in (
             (f"--{opt.name}", flags.get(opt.name)),
-            (env_name(opt), env.get(env_name(opt))),
+            (env_name(opt), env.get(env_name(opt)) or None),  # an empty variable is unset, as in a shell
             (f"{opt.name} in the config file", file_values.get(opt.name)),
         ):
             if raw is None:

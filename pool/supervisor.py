@@ -14,7 +14,11 @@ waits on the workers' sentinels, their status pipes and a self-pipe woken by sig
 
 Before forking, the supervisor locks its node id on this host (``pool.nodelock``): a second
 supervisor with the same ``--node-id`` exits with ``EXIT_CONFIG`` instead of joining as the
-same members. Workers inherit the lock and hold it until the last of them exits.
+same members. Workers inherit the lock and hold it until the last of them exits; every loop
+turn checks the lock file is still there (``NodeLock.check``), taking it afresh if a cleaner
+removed it. Each slot's in-flight journal (``pool.journal.Store``) is made here too, before
+the fork, so every process of the slot shares it: in the state directory, or in memory with one
+WARNING when the directory can't hold it.
 
 Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 supervisor decides), drain on SIGTERM however often it comes — the kernel sends them one
@@ -89,6 +93,7 @@ class _Slot:
     deaths: list[float] = field(default_factory=list)
     restart_at: float | None = None
     retiring: bool = False  # being replaced by a rolling restart: its exit is not a crash
+    journal: journal.Store | None = None  # shared with every process of this slot
 
 
 class Supervisor:
@@ -119,19 +124,37 @@ class Supervisor:
         self._rolling: list[int] = []
         self._stopping_since: float | None = None
         self._reloading = False  # RELOADING=1 sent; READY=1 again once the rolling restart is done
+        self._reload_again = False  # a SIGHUP came during the rolling restart: another one follows
         self._ready_sent = False
         self._last_ping: float | None = None
         # what the loop last saw, for the metrics thread (plain attribute writes: no lock needed)
         self._tick = time.monotonic()
         self._shown = ""
         self._alive = 0
+        self._lock: nodelock.NodeLock | None = None
+
+    def _open_journals(self) -> None:
+        """Each slot's journal store (see the module docstring)."""
+        size = self.settings.worker.concurrency
+        failed = None
+        for s in self.slots:
+            path = journal.path_for(self.settings.state_dir, self.settings.node_id, s.index)
+            try:
+                s.journal = journal.Store.open(path, size)
+            except OSError as exc:
+                failed = failed or f"{path}: {exc.strerror or exc}"
+                s.journal = journal.Store.anonymous(size)
+        if failed:
+            log.warning("cannot keep the in-flight journals in --state-dir (%s); keeping them in memory: an event "
+                        "that kills its worker is still parked after --max-deliveries deaths, but the counts do "
+                        "not survive a restart of the whole pool", failed)
 
     # ------------------------------------------------------------------ processes
 
     def _start(self, slot: _Slot) -> None:
         recv, send = self._ctx.Pipe(duplex=False)
         slot.proc = self._ctx.Process(target=self.target,
-                                      args=(self.settings, slot.index, slot.cpu, send, os.getpid()),
+                                      args=(self.settings, slot.index, slot.cpu, send, os.getpid(), slot.journal),
                                       name=f"ctlpool-worker-{slot.index}", daemon=False)
         slot.proc.start()
         send.close()
@@ -182,7 +205,7 @@ class Supervisor:
         elif event == "crash-loop":
             n.status("crash loop: a worker kept dying; exiting " + str(EXIT_CRASH_LOOP))
         elif event == "config":
-            n.status("a worker could not load its controllers; exiting " + str(EXIT_CONFIG))
+            n.status("a worker stopped on a configuration error; exiting " + str(EXIT_CONFIG))
         self.on_event(event, self)
 
     # ------------------------------------------------------------------ main loop
@@ -197,7 +220,8 @@ class Supervisor:
         server: MetricsServer | None = None
         lock: nodelock.NodeLock | None = None
         try:
-            lock = nodelock.acquire(self.settings.state_dir, self.settings.node_id)
+            lock = self._lock = nodelock.acquire(self.settings.state_dir, self.settings.node_id)
+            self._open_journals()
             preload_worker_code()
             log.info("workers %s: %s", "pinned to CPUs" if self.pinned else "not pinned", self._pin_why)
             server = serve_metrics(self)
@@ -250,6 +274,9 @@ class Supervisor:
             if code is not None:
                 return code
             self._publish_state(now)
+            code = self._check_lock()
+            if code is not None:
+                return code
             if self._stopping_since is not None:
                 if all(s.proc is None for s in self.slots):
                     log.info("all workers drained; exiting")
@@ -263,6 +290,20 @@ class Supervisor:
                 if s.proc is None and s.restart_at is not None and now >= s.restart_at:
                     self._start(s)
             self._advance_rolling()
+
+    def _check_lock(self) -> int | None:
+        """The node-id lock file must stay ours (see the module docstring); else stop."""
+        if self._lock is None:
+            return None
+        try:
+            if self._lock.check():
+                log.warning("the node-id lock %s was removed under the running pool (a temp-directory cleaner?); "
+                            "took it again", self._lock.path)
+        except ConfigError as exc:
+            log.error("the node-id lock %s was removed under the running pool and cannot be taken again (%s); "
+                      "stopping", self._lock.path, exc)
+            return self._give_up(self.clock(), "config", EXIT_CONFIG)
+        return None
 
     def _publish_state(self, now: float) -> None:
         """Once per loop turn: STATUS= when the summary changed, WATCHDOG=1 when due and healthy."""
@@ -283,11 +324,14 @@ class Supervisor:
         while self._signals:
             sig = self._signals.pop(0)
             if sig == signal.SIGHUP:
-                if self._stopping_since is None and not self._rolling:
-                    log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
-                    self._rolling = [s.index for s in self.slots]
-                    self._reloading = True
-                    self._event("reloading")
+                if self._stopping_since is not None:
+                    log.info("SIGHUP while draining: ignored")
+                elif self._reloading:
+                    if not self._reload_again:
+                        log.info("SIGHUP during a rolling restart: another rolling restart follows this one")
+                    self._reload_again = True
+                else:
+                    self._start_rolling()
                 continue
             if self._stopping_since is None:
                 log.info("%s: draining workers (again to stop at once)", signal.Signals(sig).name)
@@ -353,11 +397,11 @@ class Supervisor:
                 self._start(s)
                 continue
             if code == EXIT_CONFIG:
-                log.error("worker %d cannot load its controllers (see above); stopping", s.index,
+                log.error("worker %d stopped on a configuration error (see above); stopping", s.index,
                           extra={"worker": s.index})
                 return self._give_up(now, "config", EXIT_CONFIG)
             self.restarts += 1
-            inside = journal.read_inflight(journal.path_for(self.settings.state_dir, self.settings.node_id, s.index))
+            inside = s.journal.records() if s.journal is not None else {}
             s.deaths, delay = restarts.after_death(s.deaths, now, bool(inside))
             if delay is None:
                 log.error("worker %d died %d times within %.0fs (last exit %s); giving up",
@@ -381,12 +425,23 @@ class Supervisor:
         self._event(event)
         return code
 
+    def _start_rolling(self) -> None:
+        log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+        self._rolling = [s.index for s in self.slots]
+        self._reloading = True
+        self._reload_again = False
+        self._event("reloading")
+
     def _advance_rolling(self) -> None:
-        """Rolling restart: retire the first slot in line once every worker is ready."""
+        """Rolling restart: retire the first slot in line once every worker is ready; a SIGHUP
+        that came meanwhile starts the next one when this one is done."""
         if self._reloading and not self._rolling and self.ready and not any(s.retiring for s in self.slots):
             self._reloading = False
             log.info("rolling restart done")
-            self.notifier.ready(self._show())
+            if self._reload_again:
+                self._start_rolling()
+            else:
+                self.notifier.ready(self._show())
         if not self._rolling or not self.ready:
             return
         idx = self._rolling.pop(0)

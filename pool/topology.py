@@ -301,6 +301,9 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
             try:
                 await via(False).rpc("queue_declare", queue=name, durable=True, arguments=tier_args(names, topo, t))
             except ChannelGone as exc:
+                if exc.reply_code == PRECONDITION_FAILED and "invalid arg" in exc.reply_text:
+                    raise TopologyMismatch(f"the broker refused delay tier {name} (--tiers-s {t}): "
+                                           f"{exc.reply_text}") from None
                 if exc.reply_code == PRECONDITION_FAILED:
                     raise await _mismatch(conn, names, name, exc, topo, found) from None
                 raise

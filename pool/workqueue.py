@@ -105,6 +105,10 @@ class WorkQueue(Generic[K, V]):
     def is_processing(self, key: K) -> bool:
         return key in self._processing
 
+    def processing(self) -> set[K]:
+        """The keys handed out by ``get`` and not yet ``done`` (a copy)."""
+        return set(self._processing)
+
     def __len__(self) -> int:
         """Number of ready keys."""
         return len(self._ready)

@@ -10,7 +10,7 @@ A reconcile cancelled while it waits (connection loss, a lost lease) is recorded
 overlaps like any other.
 
 The event drives behaviour: ``sleep_ms`` (hold the key), ``block_s`` (block the event loop with
-``time.sleep`` once per test, marked by a file), ``fail`` (raise on attempts < fail),
+``time.sleep`` once per test, marked by a file; every time with ``block_always``), ``fail`` (raise on attempts < fail),
 ``raise`` (raise that BaseException by name), ``result`` (return ``"nan"``: Result(nan), ``"str"``: a string),
 ``crash`` (kill the worker process), ``mark_start`` (record a "start" line at once), ``permanent`` (raise Permanent), ``requeue_after`` with ``t0`` (return Result once, in the first half
 of the delay after wall time t0).
@@ -86,7 +86,7 @@ class Recorder(Controller):
             os._exit(1)  # a reconcile that kills its worker (segfault, OOM kill...)
         if ev.get("mark_start"):
             _record({"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "r": "start"})
-        if ev.get("block_s") and _first_time(f"block-{key}"):
+        if ev.get("block_s") and (ev.get("block_always") or _first_time(f"block-{key}")):
             time.sleep(ev["block_s"])  # a blocking call on the loop (what a reconcile must not do)
         if ev.get("sleep_ms"):
             last = time.monotonic_ns()

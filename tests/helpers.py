@@ -107,6 +107,21 @@ def get_all(url: str, queue: str) -> list[tuple[Any, Any, bytes]]:
         conn.close()
 
 
+def peek_all(url: str, queue: str) -> list[tuple[Any, Any, bytes]]:
+    """Every ready message of ``queue``, left where it was (taken, then put back unacked)."""
+    conn = _connect(url)
+    out = []
+    try:
+        ch = conn.channel()
+        while True:
+            m, p, b = ch.basic_get(queue, auto_ack=False)
+            if m is None:
+                return out
+            out.append((m, p, b))
+    finally:
+        conn.close()  # every message taken goes back, in order
+
+
 class Pool:
     """``ctlpool run`` as a real subprocess (``pool.process.RunProcess``: its own process group)."""
 

@@ -12,6 +12,12 @@ only after the confirms. Reconciles past ``--reconcile-timeout-s`` are cancelled
 reason (connection lost, fenced, shutting down) leaves their deliveries unacked, for the
 broker to give back.
 
+Every reconcile is a ``Run``, and every run is finished exactly once (its slot freed, its key
+done in the work queue, its partitions' ``dispatched`` counts returned), however its task
+ends: by the coroutine's own ``finally``, or, for a task cancelled before its first step (the
+coroutine never ran, so no ``finally`` of it can), by the task's done callback. ``audit`` is the
+liveness invariant as data; ``stalled`` is what the worker's watchdog asks every tick.
+
 ``Dispatch`` is the ``Runtime`` a ``Context`` talks to (``emit``, ``check_lease``).
 """
 
@@ -21,13 +27,14 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from .. import codec, eager, outcome
 from ..amqp import ChannelGone, Connection
 from ..controller import Context
 from ..errors import BrokerError
-from ..fence import Fenced, Lease, first_step
+from ..fence import Fenced, Lease, Steps, first_step
 from ..journal import Journal
 from ..metrics import WorkerMetrics
 from ..workqueue import WorkQueue
@@ -36,10 +43,57 @@ from .settle import Settler
 
 log = logging.getLogger("ctlpool.worker")
 
+Key = tuple[int, str]  # (controller index, item key)
+
+
+class Run:
+    """One reconcile: what it covers, until when it may run, and whether it is finished."""
+
+    __slots__ = ("ctl", "key", "items", "started", "deadline", "timed_out", "finished")
+
+    def __init__(self, ctl: Ctl, key: str, items: list[Delivery], started: float, deadline: float) -> None:
+        self.ctl = ctl
+        self.key = key
+        self.items = items
+        self.started = started
+        self.deadline = deadline
+        self.timed_out = False  # cancelled by ``expire``: settles as a failure
+        self.finished = False
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """The liveness invariant as data: all zero/empty at the end of a session, and whenever
+    ``runs`` is zero."""
+
+    runs: int
+    """Reconcile tasks not yet finished."""
+    slots: int
+    """Concurrency slots taken (must equal ``runs``)."""
+    ready: int
+    """Keys waiting for a slot."""
+    processing: int
+    """Keys handed out (must equal ``runs``)."""
+    orphans: tuple[str, ...]
+    """Keys processing with no run (a few, for the log): work no one will ever finish."""
+    dispatched: int
+    """Deliveries counted inside reconciles over the partitions (must equal the runs' deliveries)."""
+    covered: int
+    """Deliveries the runs cover."""
+
+    @property
+    def leaked(self) -> bool:
+        """Bookkeeping that no running reconcile accounts for."""
+        return (self.slots != self.runs or self.processing != self.runs or bool(self.orphans)
+                or self.dispatched != self.covered)
+
+
+STALL_TICKS = 3  # ticks in a row a worker may hold startable work without starting any
+
 
 class Dispatch:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, ctls: list[Ctl], settler: Settler, stats: WorkerStats,
-                 metrics: WorkerMetrics, concurrency: int, timeout_s: float, prefix: str,
+                 metrics: WorkerMetrics, concurrency: int, timeout_s: float, max_deliveries: int, prefix: str,
                  clock: Callable[[], float], rand: Callable[[], float], worker: int) -> None:
         self._loop = loop
         self._loop_thread = threading.get_ident()
@@ -49,21 +103,23 @@ class Dispatch:
         self._metrics = metrics
         self._concurrency = concurrency
         self._timeout_s = timeout_s
+        self._max_deliveries = max_deliveries
         self._prefix = prefix
         self._clock = clock
         self._rand = rand
         self._worker = worker
         self.running = False  # a session is serving: start reconciles
         self.lease = Lease(clock, float("inf"))  # the session's (pool.fence)
+        self.steps = Steps(self._slow_step)  # the step now running (pool.blocker watches it)
         self.conn: Connection | None = None  # the session's consume connection (for ctx.publish's exchange check)
         self.journal: Journal | None = None
         self._known_exchanges = {c.exchange for c in ctls}
-        self._wq: WorkQueue[tuple[int, str], Delivery] = WorkQueue()
-        self._inflight = 0
-        self._tasks: dict[asyncio.Task[None], float] = {}  # running reconciles -> deadline (clock)
-        self._timed_out: set[asyncio.Task[None]] = set()
+        self._wq: WorkQueue[Key, Delivery] = WorkQueue()
+        self._inflight = 0  # slots taken: one per unfinished run
+        self._runs: dict[asyncio.Task[None], Run] = {}
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency,
                                                               thread_name_prefix="reconcile")
+        self._stuck_ticks = 0
 
     # ---------------------------------------------------------------- the work queue
 
@@ -86,7 +142,7 @@ class Dispatch:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._runs)
 
     def pump(self) -> None:
         # (no lease check here: every reconcile checks it before its first step, see _reconcile)
@@ -106,22 +162,27 @@ class Dispatch:
                 part = d.part
                 part.dispatched += 1
                 part.idle.clear()
+            run = Run(ctl, key, items, now, now + self._timeout_s)
             # first step at once: a reconcile with nothing to await finishes inside this callback
-            task = eager.start(self._loop, self._reconcile(ctl, key, items, now))  # type: ignore[arg-type]
-            self._tasks[task] = now + self._timeout_s
-            task.add_done_callback(self._forget_task)
+            task = eager.start(self._loop, self._reconcile(run))  # type: ignore[arg-type]
+            if not run.finished:
+                self._runs[task] = run
+                task.add_done_callback(self._ended)
 
-    def _forget_task(self, task: asyncio.Task[None]) -> None:
-        del self._tasks[task]
-        self._timed_out.discard(task)
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A reconcile task is done: finish its run if the coroutine never could (cancelled before
+        its first step, which only happens to a task queued by ``loop.create_task``)."""
+        run = self._runs.pop(task)
+        if not run.finished:
+            self._finish(run)
 
     def expire(self) -> None:
         """Cancel reconciles past their deadline (checked every heartbeat interval: a per-task
         ``asyncio.timeout`` costs more than the rest of the dispatch; the default timeout is 300 s)."""
         now = self._clock()
-        for task, deadline in self._tasks.items():
-            if now > deadline and task not in self._timed_out:
-                self._timed_out.add(task)
+        for task, run in self._runs.items():
+            if now > run.deadline and not run.timed_out:
+                run.timed_out = True
                 task.cancel()
 
     def cancel_all(self) -> list[asyncio.Task[None]]:
@@ -129,7 +190,7 @@ class Dispatch:
         connection); returns the cancelled reconciles, for the caller to await."""
         self.running = False
         self._wq.remove_where(lambda d: True)
-        tasks = list(self._tasks)
+        tasks = list(self._runs)
         for t in tasks:
             t.cancel()
         return tasks
@@ -137,9 +198,33 @@ class Dispatch:
     def close(self) -> None:
         self._threads.shutdown(wait=True)
 
+    # ---------------------------------------------------------------- liveness
+
+    def audit(self, parts: Iterable[Partition]) -> Audit:
+        """The bookkeeping against the reconciles that really run (``Audit``); ``parts``: every
+        partition the worker holds (their ``dispatched`` counts are checked too)."""
+        runs = [r for r in self._runs.values() if not r.finished]
+        processing = self._wq.processing()
+        orphans = sorted(key for _ci, key in processing - {(r.ctl.index, r.key) for r in runs})
+        return Audit(runs=len(runs), slots=self._inflight, ready=len(self._wq), processing=len(processing),
+                     orphans=tuple(orphans[:5]), dispatched=sum(p.dispatched for p in parts),
+                     covered=sum(len(r.items) for r in runs))
+
+    def stalled(self, parts: Iterable[Partition]) -> Audit | None:
+        """Called every tick: the audit, when for ``STALL_TICKS`` ticks in a row the worker held work
+        no reconcile will ever start (bookkeeping no run accounts for, or a key waiting while a slot
+        is free: ``pump`` starts one the moment either happens, so neither may last)."""
+        a = self.audit(parts)
+        if not (self.running and (a.leaked or (a.ready and a.runs < self._concurrency))):
+            self._stuck_ticks = 0
+            return None
+        self._stuck_ticks += 1
+        return a if self._stuck_ticks >= STALL_TICKS else None
+
     # ---------------------------------------------------------------- one reconcile
 
-    async def _reconcile(self, ctl: Ctl, key: str, items: list[Delivery], started: float) -> None:
+    async def _reconcile(self, run: Run) -> None:
+        ctl, key, items = run.ctl, run.key, run.items
         last = items[-1]
         attempt = max(d.attempt for d in items) if len(items) > 1 else last.attempt
         ctx = Context(self, ctl.name, key, attempt, len(items) - 1, last.part.index)
@@ -153,7 +238,7 @@ class Dispatch:
             try:
                 if ctl.is_async:
                     finished, produced = first_step(ctl.controller.reconcile(key, last.event, ctx), self.lease,
-                                                    self._slow_step, ctl.name, key)
+                                                    self.steps, ctl.name, key)
                     if not finished:
                         produced = await produced
                 else:
@@ -164,18 +249,18 @@ class Dispatch:
                 if ctx._confirms:
                     await _confirmed(ctx)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task not in self._timed_out:
+                if not run.timed_out:
                     raise  # connection lost, fenced or shutting down
-                task.uncancel()  # type: ignore[union-attr]  # handled: settle it as a failure
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]  # handled: settle it as a failure
                 produced = TimeoutError()
-            except ChannelGone:
-                raise
+            except (ChannelGone, GeneratorExit):
+                raise  # the session's, or the coroutine being closed
             except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... fail this reconcile, not the worker
                 produced = exc
-            ran_s = self._clock() - started
+            ran_s = self._clock() - run.started
             decision = outcome.ACK if produced is None else outcome.decide(
-                produced, policy=ctl.controller.retry, attempt=attempt, timeout_s=self._timeout_s, rand=self._rand)
+                produced, policy=ctl.controller.retry, attempt=attempt, timeout_s=self._timeout_s, rand=self._rand,
+                deaths=max(d.redeliveries for d in items), max_deliveries=self._max_deliveries)
             if decision is outcome.ACK:  # the common case, without another coroutine
                 self._stats.succeeded += 1
                 self._settler.ack_all(items)
@@ -183,10 +268,9 @@ class Dispatch:
             else:
                 result = await self._settler.settle(ctl, key, items, decision)
         except (asyncio.CancelledError, ChannelGone) as exc:
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task in self._timed_out and self.running:
+            if isinstance(exc, asyncio.CancelledError) and run.timed_out and self.running:
                 # its deadline passed while its retry or park waited for a confirm: give the event back
-                task.uncancel()  # type: ignore[union-attr]
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 for d in items:
                     self._settler.return_later(d.part, d.ch, d.tag)
             # else: connection lost, fenced or shutting down: deliveries go back to the broker unacked
@@ -203,13 +287,17 @@ class Dispatch:
                 self.journal.leave(slot)
             if result is not None:
                 self._metrics.reconciled(ctl.name, result, ran_s,
-                                         ran_s if result == "success" else self._clock() - started)
-            self._finish(ctl, key, items)
+                                         ran_s if result == "success" else self._clock() - run.started)
+            self._finish(run)
 
-    def _finish(self, ctl: Ctl, key: str, items: list[Delivery]) -> None:
-        self._wq.done((ctl.index, key), len(items))
+    def _finish(self, run: Run) -> None:
+        """The one end of every run (see the module docstring); a second call does nothing."""
+        if run.finished:
+            return
+        run.finished = True
+        self._wq.done((run.ctl.index, run.key), len(run.items))
         self._inflight -= 1
-        for d in items:
+        for d in run.items:
             part = d.part
             part.dispatched -= 1
             if part.dispatched == 0:
@@ -217,7 +305,7 @@ class Dispatch:
         self.pump()
 
     def _slow_step(self, seconds: float, controller: str, key: str) -> None:
-        """The blocked-loop watchdog (``pool.fence``): a step that held the loop names itself."""
+        """A step that held the loop names itself (``pool.fence``)."""
         self._metrics.loop_blocked(controller)
         log.warning("a reconcile step held the event loop for %.1fs (every other key of this worker waited, "
                     "and heartbeats stopped); use a plain def reconcile or run_in_executor for blocking calls",

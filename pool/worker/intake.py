@@ -3,11 +3,14 @@
 Data flow, per delivery (``on_message``, on the loop thread; nothing in it may raise):
 
 1. held while the partition's guard window is measured or while it is released;
-2. undecodable properties (``pool.frames``) -> park;
+2. undecodable properties (``pool.frames``) or a routing key that is not UTF-8 -> park;
 3. inside a reconcile when its worker died ``--max-deliveries`` times -> park;
-4. inside the ring-drift guard window -> re-route (``Guard``), no reconcile;
-5. still owes a delay (``x-ctlpool-delay-ms``) -> ride the next delay tier;
-6. decode (undecodable / invalid -> park), then hand a ``Delivery`` to ``Dispatch``.
+4. not routed by the ring (another exchange, the default one included, or a ``CC`` header
+   naming other keys) -> re-route through the controller's exchange, without ``CC``: only the
+   ring puts a key in a partition, else one key could be reconciled by two owners at once;
+5. inside the ring-drift guard window -> re-route (``Guard``), no reconcile;
+6. still owes a delay (``x-ctlpool-delay-ms``) -> ride the next delay tier;
+7. decode (undecodable / invalid -> park), then hand a ``Delivery`` to ``Dispatch``.
 
 Parks, re-routes and hops leave through ``Settler`` and are acked on their confirm. Every
 header is read defensively (``codec.header_int``): a forged or corrupt value is ignored,
@@ -30,6 +33,7 @@ from .settle import Settler, carried_headers
 log = logging.getLogger("ctlpool.worker")
 
 BLAME_TTL_S = 600.0  # a crashed reconcile's event not seen again within this long is forgotten
+MISROUTED_LOG_S = 60.0  # deliveries that bypassed the ring are logged this often per controller, with a count
 
 
 class Intake:
@@ -44,6 +48,7 @@ class Intake:
         self._worker = worker
         # events inside a reconcile when this slot's last process died -> (deaths blamed, forget after)
         self._blamed: dict[bytes, tuple[int, float]] = {}
+        self._misrouted: dict[str, tuple[float, int]] = {}  # controller -> (last logged, re-routed since)
 
     def blame(self, leftover: dict[bytes, int]) -> None:
         """The events this slot's previous process died holding (``pool.journal``)."""
@@ -85,6 +90,10 @@ class Intake:
             self._settler.park_raw(part, ch, method, props, body, codec.PARK_BAD_HEADERS,
                                    f"headers could not be decoded: {headers[codec.H_BAD_FRAME]}")
             return None
+        if isinstance(method.routing_key, bytes):  # pika leaves a key that isn't UTF-8 as bytes
+            self._settler.park_raw(part, ch, method, props, body, codec.PARK_BAD_KEY,
+                                   f"the routing key (the item key) is not UTF-8: {method.routing_key[:100]!r}")
+            return None
         redeliveries = 0
         if self._blamed or (headers is not None and codec.H_REDELIVERIES in headers):  # rare: skip the call
             redeliveries = self.redeliveries(headers, method, body)
@@ -92,6 +101,9 @@ class Intake:
                 self._settler.park_raw(part, ch, method, props, body, codec.PARK_DELIVERIES,
                                        f"its worker died inside its reconcile {redeliveries} times")
                 return None
+        if method.exchange != part.ctl.exchange or (headers is not None and ("CC" in headers or "BCC" in headers)):
+            self._reroute_misrouted(part, ch, method, props, body, redeliveries)
+            return None
         if self._guard.wants(part, method):
             self._guard.reroute(part, ch, method, props, body, redeliveries)
             return None
@@ -110,7 +122,27 @@ class Intake:
             self._settler.park_raw(part, ch, method, props, body, exc.reason, str(exc))
             return None
         return Delivery(part, ch, method.delivery_tag, method.routing_key, event, headers, attempt, body,
-                        props.content_type, redeliveries, self._clock())
+                        props, redeliveries, self._clock())
+
+    def _reroute_misrouted(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes,
+                           redeliveries: int) -> None:
+        """A delivery the ring did not route here: send it through the ring, saying how it came."""
+        headers = carried_headers(props.headers, redeliveries)  # without CC/BCC (codec.clean_headers)
+        cc = [h for h in codec.ROUTING_HEADERS if h in (props.headers or {})]
+        how = f"exchange {method.exchange!r}" if method.exchange != part.ctl.exchange else "header " + "/".join(cc)
+        headers[codec.H_MISROUTED] = how
+        self._settler.forward(part, ch, method, props, body, part.ctl.exchange, headers)
+        self._stats.rerouted += 1
+        now = self._clock()
+        last, count = self._misrouted.get(part.ctl.name, (-1e9, 0))
+        if now - last < MISROUTED_LOG_S:
+            self._misrouted[part.ctl.name] = (last, count + 1)
+            return
+        self._misrouted[part.ctl.name] = (now, 0)
+        log.warning("a delivery reached %s through %s, not through the ring; re-routing it through %s (%d more "
+                    "since the last such line). Publish to the controller's exchange without CC; see the README's "
+                    "permissions", part.queue, how, part.ctl.exchange, count,
+                    extra={"worker": self._worker, "controller": part.ctl.name, "key": method.routing_key})
 
     def redeliveries(self, headers: dict[str, Any] | None, method: Any, body: bytes) -> int:
         """Times this event was inside a reconcile when its worker died: what it carries (counted

@@ -1,12 +1,17 @@
 """One worker process's life: sessions with the broker, one after another, until it drains.
 
-Data flow: ``run`` opens the slot's journal (blaming what the previous process died holding),
+Data flow: ``run`` takes the slot's journal (blaming what the previous process died holding),
 then loops: open a ``Session``; listen ``SETTLE_INTERVALS`` heartbeat intervals for peers;
 let ``Ownership`` acquire this member's partitions; report READY; serve until ``request_stop``
 (drain: hand every partition over) or until the session is lost (connection, channel, lease),
 then tear it down (cancel in-flight reconciles, whose deliveries go back to the broker with
 the connection) and reconnect after ``Backoff``'s delay. A membership tick every heartbeat
-interval announces us, expires reconciles past their timeout and rebalances.
+interval announces us, expires reconciles past their timeout, rebalances, and watches liveness:
+the age of the oldest unacked delivery (a gauge, and in the heartbeat for ``ctlpool status``),
+and ``Dispatch.stalled`` — work held that no reconcile will ever start is logged as one ERROR
+and ends the session; if the teardown still leaves bookkeeping no reconcile accounts for, the
+process exits ``EXIT_STALLED`` for the supervisor to start a fresh one. A reconcile step that
+blocks the loop is interrupted before the lease runs out (``pool.blocker``).
 
 Deliveries flow one way through the rooms built here:
 ``Ownership`` (a partition's channel) -> ``Intake`` -> ``Dispatch`` -> ``Settler`` (acks, republishes).
@@ -21,10 +26,11 @@ import threading
 import time
 from typing import Callable
 
-from .. import journal
+from .. import blocker, journal
 from ..amqp import ChannelGone, Connection
 from ..controller import Controller
 from ..errors import BrokerError
+from ..exits import EXIT_CONFIG, EXIT_OK, EXIT_STALLED
 from ..messages import WorkerState
 from ..metrics import WorkerMetrics
 from ..settings import PoolSettings
@@ -48,7 +54,8 @@ class Worker:
     def __init__(self, *, settings: PoolSettings, controllers: list[Controller], index: int = 0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random, on_state: Callable[[WorkerState], None] | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, journal: journal.Store | None = None,
+                 pool_started: float | None = None) -> None:
         self.settings = settings
         self.index = index
         self.member_id = f"{settings.node_id}/{index}"
@@ -60,8 +67,10 @@ class Worker:
         self.stats = WorkerStats()
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.metrics.sampler = self._sample_metrics
+        self.journal_store = journal  # the slot's (the supervisor's); None: no crash attribution
         self._stop = asyncio.Event()
         self._started = wall()
+        self.pool_started = pool_started if pool_started is not None else self._started
         self._session: Session | None = None
         self._conns: list[Connection] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +78,7 @@ class Worker:
         self._dispatch: Dispatch | None = None
         self._ownership: Ownership | None = None
         self._served = False  # the current session got as far as consuming
+        self.exit_code = EXIT_OK  # EXIT_STALLED: the process must be replaced (see the module docstring)
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> tuple[Settler, Intake, Dispatch, Ownership]:
         """The rooms, wired so deliveries flow one way (see the module docstring)."""
@@ -77,14 +87,16 @@ class Worker:
                           clock=self.clock, wall=self.wall, worker=w)
         dispatch = Dispatch(loop=loop, ctls=self.ctls, settler=settler, stats=self.stats, metrics=self.metrics,
                             concurrency=s.worker.concurrency, timeout_s=s.worker.reconcile_timeout_s,
-                            prefix=s.broker.prefix, clock=self.clock, rand=self.rand, worker=w)
+                            max_deliveries=s.topology.max_deliveries, prefix=s.broker.prefix, clock=self.clock,
+                            rand=self.rand, worker=w)
         guard = Guard(settler=settler, stats=self.stats, metrics=self.metrics, partitions=s.topology.partitions,
                       clock=self.clock, worker=w)
         intake = Intake(settler=settler, guard=guard, stats=self.stats, dispatch=dispatch.add,
                         max_deliveries=s.topology.max_deliveries, clock=self.clock, worker=w)
         ownership = Ownership(settings=s, ctls=self.ctls, member_id=self.member_id, worker=w, started=self._started,
                               intake=intake, guard=guard, dispatch=dispatch, settler=settler, stats=self.stats,
-                              metrics=self.metrics, clock=self.clock)
+                              metrics=self.metrics, clock=self.clock, since=self.pool_started,
+                              on_duplicate=self._duplicate)
         return settler, intake, dispatch, ownership
 
     def request_stop(self) -> None:
@@ -99,6 +111,7 @@ class Worker:
         dispatch.journal = self._open_journal(intake)
         for c in self.ctls:
             c.controller.setup()
+        watchdog = blocker.watch(dispatch.steps, lambda: dispatch.lease, self.clock)
         backoff = Backoff(self.settings.broker.reconnect_max_s, self.rand,
                           len(split_urls(self.settings.broker.amqp_url)))
         while not self._stop.is_set():
@@ -116,20 +129,18 @@ class Worker:
                      extra={"worker": self.index})
             self.on_state(WorkerState.RECONNECTING)
             await self._sleep(delay)
+        if watchdog is not None:
+            watchdog.stop()
         dispatch.close()
         if dispatch.journal is not None:
             dispatch.journal.close()
         self.on_state(WorkerState.STOPPED)
 
     def _open_journal(self, intake: Intake) -> journal.Journal | None:
-        """Take the blame the slot's previous process left (``pool.journal``) and start a fresh journal."""
-        path = journal.path_for(self.settings.state_dir, self.settings.node_id, self.index)
-        try:
-            jrnl, leftover = journal.Journal.take_leftover(path, self.settings.worker.concurrency)
-        except OSError as exc:
-            log.error("cannot keep the in-flight journal %s (%s); a worker-killing event will only be parked "
-                      "by the broker's delivery limit; check --state-dir", path, exc, extra={"worker": self.index})
+        """Take the blame the slot's previous process left (``pool.journal``) and start afresh."""
+        if self.journal_store is None:
             return None
+        jrnl, leftover = journal.Journal.take_leftover(self.journal_store)
         if leftover:
             log.warning("the previous worker %d died inside %d reconcile(s); each of those events counts one "
                         "more delivery toward --max-deliveries when it comes back", self.index, len(leftover),
@@ -139,7 +150,7 @@ class Worker:
 
     async def _serve(self, settler: Settler, dispatch: Dispatch, ownership: Ownership, intake: Intake) -> None:
         """One session: connect, join, acquire, serve until stop (drain) or loss (raises)."""
-        session = await Session.open(self.settings.broker, self.member_id, on_heartbeat=ownership.on_heartbeat,
+        session = await Session.open(self.settings.broker, self.member_id, on_heartbeat=ownership.roster.on_heartbeat,
                                      on_lease_lost=self._fence, clock=self.clock, opened=self._conns)
         self._session = session
         settler.pub = session.pub
@@ -158,7 +169,7 @@ class Worker:
                 if session.lost.done():
                     raise session.lost.result()
                 log.info("member %s consuming %d partitions (%d members)", self.member_id, ownership.active_count(),
-                         len(ownership.members.live()), extra={"worker": self.index})
+                         len(ownership.roster.live()), extra={"worker": self.index})
                 self.on_state(WorkerState.READY)
                 self._served = True  # the next outage starts its backoff afresh
             await session.until_lost(self._stop)
@@ -178,6 +189,28 @@ class Worker:
             dispatch.expire()
             intake.forget_blame()
             ownership.tick()
+            self._watch_liveness(dispatch, ownership)
+
+    def _watch_liveness(self, dispatch: Dispatch, ownership: Ownership) -> None:
+        """Every tick (after ``Ownership.tick``): a stalled worker starts over."""
+        parts = list(ownership.parts.values())
+        stuck = dispatch.stalled(parts)
+        if stuck is None or self._session is None:
+            return
+        held = sum(p.unacked for p in parts)
+        log.error("stalled: holding %d unacked deliveries (oldest %.0fs) with %d of %d reconcile slots running; "
+                  "%d keys waiting, %d processing, orphaned keys %s, slots taken %d; starting a fresh session",
+                  held, ownership.oldest_unacked_s, stuck.runs, self.settings.worker.concurrency, stuck.ready,
+                  stuck.processing, list(stuck.orphans), stuck.slots, extra={"worker": self.index})
+        self.metrics.stalled()
+        self._session.lose("stalled: work held that no reconcile will start")
+
+    def _duplicate(self, why: str) -> None:
+        """Another pool's member has our id and was there first: stop, and make the pool stop."""
+        if self.exit_code != EXIT_CONFIG:
+            log.error("%s; stopping", why, extra={"worker": self.index})
+            self.exit_code = EXIT_CONFIG
+            self._stop.set()
 
     def _fence(self, why: str) -> None:
         """The lease ran out (pool.fence): cancel everything in flight and rejoin, like a connection loss."""
@@ -211,6 +244,12 @@ class Worker:
             conn.close()
         if cancelled:
             await asyncio.gather(*cancelled, return_exceptions=True)
+        left = dispatch.audit(())
+        if left.leaked or left.runs:
+            log.error("after the session ended, %s; this process stops for a fresh one (exit %d)", left,
+                      EXIT_STALLED, extra={"worker": self.index})
+            self.exit_code = EXIT_STALLED
+            self._stop.set()
         self._conns.clear()
         self._session = None
         settler.pub = None
@@ -227,3 +266,4 @@ class Worker:
         for c in self.ctls:
             m.depth(c.name, depth[c.index])
             m.owned(c.name, owned[c.index])
+        m.oldest_unacked(self.index, self._ownership.oldest_unacked_s if self._ownership is not None else 0.0)

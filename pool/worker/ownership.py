@@ -1,8 +1,11 @@
 """Ownership: which partitions this worker holds, taking them and handing them over.
 
-Data flow: member heartbeats (``on_heartbeat``) feed the ``MemberTable``; ``rebalance`` asks
-``assignment.owned_by`` (pure) which partitions this member should own and, in the
-background, ``acquire``s the missing ones and ``release``s the rest. Acquiring opens a
+Data flow: the ``Roster`` says who is alive (member heartbeats); ``rebalance`` asks
+``assignment.assign`` (pure) which partitions this member should own and, in the
+background, ``acquire``s the missing ones and hands the rest over (``hand_over``: on quorum
+queues it keeps consuming a partition until the new owner has subscribed behind it, so a member
+that announces itself but never consumes — a spoofed heartbeat, a member whose consumers fail —
+can't leave a partition unconsumed; then ``release``). Acquiring opens a
 channel and consumes (single-active-consumer on quorum queues, ``exclusive`` on classic
 ones: the broker is the lock); the ``Guard`` measures the ring-drift window first when the
 partition isn't known clean. Release and drain never cancel a consumer with work in flight
@@ -17,21 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Callable
 
-from .. import membership
 from ..acks import AckBatch
 from ..amqp import NOT_FOUND, Channel, ChannelGone
-from ..assignment import Member, owned_by
-from ..membership import MemberTable
+from ..assignment import Member, assign
 from ..metrics import WorkerMetrics
 from ..settings import PoolSettings
-from ..topology import is_clean, members_exchange
+from ..topology import is_clean
 from .dispatch import Dispatch
 from .guard import Guard
 from .intake import Intake
 from .parts import Ctl, Partition, WorkerStats
+from .roster import Roster
 from .session import Session
 from .settle import Settler
 
@@ -39,18 +40,19 @@ log = logging.getLogger("ctlpool.worker")
 
 ACQUIRE_RETRY_S = 1.0  # a partition another consumer still holds (classic exclusive) is retried this often
 MISSING_LOG_S = 30.0  # a missing partition queue is retried every heartbeat, logged this often
-DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
+HANDOVER_POLL_S = 0.25  # a partition moving away checks this often whether its new owner has subscribed
+HANDOVER_LOG_S = 10.0  # a new owner that has not subscribed this long is named in a WARNING
 
 
 class Ownership:
     def __init__(self, *, settings: PoolSettings, ctls: list[Ctl], member_id: str, worker: int, started: float,
                  intake: Intake, guard: Guard, dispatch: Dispatch, settler: Settler, stats: WorkerStats,
-                 metrics: WorkerMetrics, clock: Callable[[], float]) -> None:
+                 metrics: WorkerMetrics, clock: Callable[[], float], since: float = 0.0,
+                 on_duplicate: Callable[[str], None] = lambda why: None) -> None:
         self._settings = settings
         self._ctls = ctls
         self.member_id = member_id
         self._worker = worker
-        self._started = started
         self._intake = intake
         self._guard = guard
         self._dispatch = dispatch
@@ -61,40 +63,28 @@ class Ownership:
         self._partitions = settings.topology.partitions
         self._exclusive = settings.topology.queue_type != "quorum"
         self.parts: dict[tuple[int, int], Partition] = {}
-        self.members = MemberTable(settings.worker.member_timeout_s, clock)
+        self.roster = Roster(settings=settings, member_id=member_id, worker=worker, started=started, since=since,
+                             controllers=tuple(c.name for c in ctls), clock=clock, on_change=self.rebalance,
+                             on_duplicate=on_duplicate)
         self.session: Session | None = None
         self.joined = False  # listened for peers; may take partitions
         self._acquiring: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
+        self._owners: dict[int, list[str | None]] = {}  # controller index -> owner of each partition, as last assigned
+        self.oldest_unacked_s = 0.0  # the oldest delivery held and not yet acked, as of the last tick
         self._missing_logged: dict[str, float] = {}  # partition queue -> when we last said it is missing
-        self._duplicate_logged = -1e9
 
     def bind(self, session: Session | None) -> None:
         """A new session starts with an empty member table; ``None``: it ended."""
         self.session = session
         self.joined = False
         if session is not None:
-            self.members = MemberTable(self._settings.worker.member_timeout_s, self._clock)
+            self.roster.reset()
 
     def active_count(self) -> int:
         return sum(1 for p in self.parts.values() if p.active)
 
     # ---------------------------------------------------------------- membership
-
-    def on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
-        hb = membership.decode(body)
-        if hb is None:
-            return
-        if hb.id == self.member_id and hb.pid != os.getpid():
-            now = self._clock()
-            if now - self._duplicate_logged >= DUPLICATE_LOG_S:
-                self._duplicate_logged = now
-                log.error("another process (pid %d on %s) announces member id %s too; --node-id must be unique "
-                          "per host, or the two share partitions unpredictably", hb.pid, hb.node, hb.id,
-                          extra={"worker": self._worker})
-            return
-        if self.members.observe(hb):
-            self.rebalance()
 
     def heartbeat(self, bye: bool = False) -> None:
         """Announce ourselves and what we hold (not persistent, not confirmed: a lost one is just late)."""
@@ -107,37 +97,34 @@ class Ownership:
                 parts.setdefault(part.ctl.name, {})[part.index] = part.unacked
         blocked = self.session.publish.blocked  # type: ignore[union-attr]
         self._metrics.broker_blocked(blocked is not None)
-        s = self._settings
-        hb = membership.Heartbeat(id=self.member_id, node=s.node_id, worker=self._worker, weight=s.weight,
-                                  started=self._started, controllers=tuple(c.name for c in self._ctls), bye=bye,
-                                  parts=parts, pid=os.getpid(), blocked=blocked or "",
-                                  broker=self.session.consume.address)  # type: ignore[union-attr]
-        ch.raw.basic_publish(members_exchange(s.broker.prefix), "", membership.encode(hb))
+        self.roster.announce(ch, parts=parts, blocked=blocked, broker=self.session.consume.address,  # type: ignore[union-attr]
+                             oldest_unacked_s=self.oldest_unacked_s, bye=bye)
 
     def tick(self) -> None:
-        """Every heartbeat interval: forget members gone silent, rebalance."""
-        gone = self.members.expire()
-        if gone:
-            log.info("members gone (no heartbeat for %.0fs): %s", self._settings.worker.member_timeout_s,
-                     ", ".join(gone), extra={"worker": self._worker})
+        """Every heartbeat interval: how long the oldest unacked delivery waits; forget members
+        gone silent; rebalance."""
+        now = self._clock()
+        self.oldest_unacked_s = max((p.unacked_age(now) for p in self.parts.values()), default=0.0)
+        self.roster.expire()
         self.rebalance()
 
     def rebalance(self) -> None:
-        """Acquire partitions this member should own and release the rest, in the background."""
+        """Acquire partitions this member should own and hand the rest over, in the background."""
         if self.session is None or not self.joined:
             return
-        live = self.members.live()
+        live = self.roster.live()
         for ctl in self._ctls:
             members = [Member(hb.id, hb.weight) for hb in live if ctl.name in hb.controllers]
             if not any(m.id == self.member_id for m in members):
                 members.append(Member(self.member_id, self._settings.weight))
-            want = owned_by(self.member_id, members, ctl.name, self._partitions)
-            for index in sorted(want):
-                if (ctl.index, index) not in self.parts:
+            owners = self._owners[ctl.index] = assign(members, ctl.name, self._partitions)
+            for index, owner in enumerate(owners):
+                if owner == self.member_id and (ctl.index, index) not in self.parts:
                     self._spawn(self.acquire(ctl, index), self._acquiring)
             for (ci, index), part in list(self.parts.items()):
-                if ci == ctl.index and index not in want and not part.releasing:
-                    self._spawn(self.release(part), self._releasing)
+                if ci == ctl.index and owners[index] != self.member_id and not part.releasing and not part.leaving:
+                    move = self.release(part) if self._exclusive else self.hand_over(part)
+                    self._spawn(move, self._releasing)
 
     def _spawn(self, coro: Any, bucket: set[asyncio.Task[None]]) -> None:
         task = asyncio.ensure_future(coro)
@@ -227,6 +214,33 @@ class Ownership:
         log.warning("partition %s lost its consumer (%s); reconnecting", part.queue, why,
                     extra={"worker": self._worker, "partition": part.index, "controller": part.ctl.name})
         session.lose(f"partition {part.queue}: {why}")
+
+    def _owner(self, part: Partition) -> str | None:
+        owners = self._owners.get(part.ctl.index)
+        return owners[part.index] if owners else None
+
+    async def hand_over(self, part: Partition) -> None:
+        """Keep consuming ``part`` until another consumer (its new owner, as a single-active-consumer
+        standby) has subscribed, then ``release`` it; stay if it is ours again meanwhile."""
+        part.leaving = True
+        since, warned = self._clock(), False
+        try:
+            while True:
+                if part.releasing or self._owner(part) == self.member_id or part.ch is None or not part.ch.is_open:
+                    return  # a drain releases it; or it stays ours
+                ok = await part.ch.rpc("queue_declare", queue=part.queue, passive=True)
+                if ok.method.consumer_count > 1:
+                    break
+                if not warned and self._clock() - since >= HANDOVER_LOG_S:
+                    warned = True
+                    log.warning("%s should move to member %s, which has not subscribed to it in %.0fs (a spoofed "
+                                "heartbeat on the members exchange, or a member that cannot consume); keeping it",
+                                part.queue, self._owner(part), HANDOVER_LOG_S,
+                                extra={"worker": self._worker, "partition": part.index, "controller": part.ctl.name})
+                await asyncio.sleep(HANDOVER_POLL_S)
+        finally:
+            part.leaving = False
+        await self.release(part)
 
     async def release(self, part: Partition) -> None:
         """Stop dispatching, wait for in-flight reconciles, re-route the prefetched rest, close the channel."""

@@ -39,7 +39,8 @@ class Partition:
     """One partition queue this worker consumes (or is acquiring / releasing)."""
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
-                 "releasing", "acquiring", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks")
+                 "releasing", "acquiring", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks",
+                 "leaving", "_oldest", "_oldest_since")
 
     def __init__(self, ctl: Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -56,10 +57,21 @@ class Partition:
         self.idle = asyncio.Event()
         self.idle.set()
         self.releasing = False
+        self.leaving = False  # waiting for its new owner to subscribe before releasing (Ownership.hand_over)
         self.acquiring: asyncio.Task[None] | None = None  # the acquisition in progress (a release waits for it)
         self.acquired_at = 0.0
         self.rerouted = 0
         self.unacked = 0  # deliveries received and not yet acked (shown by ``ctlpool status``)
+        self._oldest: int | None = None  # the oldest unacked tag seen by ``unacked_age``...
+        self._oldest_since = 0.0  # ...and since when
+
+    def unacked_age(self, now: float) -> float:
+        """How long the oldest delivery not yet acked has been held, to within the interval between
+        calls (the worker calls this every tick: nothing is timed per delivery)."""
+        oldest = self.acks.oldest
+        if oldest != self._oldest:
+            self._oldest, self._oldest_since = oldest, now
+        return 0.0 if oldest is None else now - self._oldest_since
 
     @property
     def active(self) -> bool:
@@ -70,11 +82,11 @@ class Partition:
 class Delivery:
     """A decoded delivery waiting in, or covered by, a reconcile."""
 
-    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "content_type", "redeliveries",
+    __slots__ = ("part", "ch", "tag", "key", "event", "headers", "attempt", "body", "props", "redeliveries",
                  "queued_at")
 
     def __init__(self, part: Partition, ch: Channel, tag: int, key: str, event: Any, headers: dict[str, Any] | None,
-                 attempt: int, body: bytes, content_type: str | None, redeliveries: int, queued_at: float) -> None:
+                 attempt: int, body: bytes, props: Any, redeliveries: int, queued_at: float) -> None:
         self.part = part
         self.ch = ch
         self.tag = tag
@@ -83,7 +95,7 @@ class Delivery:
         self.headers = headers
         self.attempt = attempt
         self.body = body
-        self.content_type = content_type
+        self.props = props  # the delivery's AMQP properties: a copy keeps them (``pool.copies``)
         self.redeliveries = redeliveries
         self.queued_at = queued_at
 

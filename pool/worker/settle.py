@@ -6,8 +6,9 @@ as few frames as the batch allows (a multiple ack never covers unfinished work).
 republished (a re-route, a delay hop, a retry, a parked copy) goes through ``forward`` or
 ``publish_then_ack``: published on the session's confirm channel, its deliveries acked only
 once the broker confirmed it; a refusal is logged and the delivery nacked back to its queue
-after ``SETTLE_RETRY_S`` (``return_later``), never acked. ``settle`` carries out what
-``pool.outcome`` decided for a finished reconcile.
+after ``SETTLE_RETRY_S`` (``return_later``), never acked. A copy keeps the original's AMQP
+properties and is fitted into the connection's frame_max (``pool.copies``). ``settle`` carries
+out what ``pool.outcome`` decided for a finished reconcile.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import asyncio
 import logging
 from typing import Any, Callable
 
-import pika
 
-from .. import codec, outcome
+from .. import codec, copies, outcome
 from ..amqp import Channel, ChannelGone, ConfirmChannel
+from ..errors import PublishError
 from ..metrics import WorkerMetrics
 from ..retries import next_hop
 from .parts import Ctl, Delivery, Partition, WorkerStats
@@ -84,12 +85,17 @@ class Settler:
     # ---------------------------------------------------------------- confirmed publishes
 
     def publish(self, exchange: str, key: str, body: bytes, headers: dict[str, Any],
-                props: pika.BasicProperties | None = None) -> asyncio.Future[None]:
-        """Publish on the session's confirm channel; the future resolves on the broker's confirm."""
+                original: Any = None) -> asyncio.Future[None]:
+        """Publish on the session's confirm channel; the future resolves on the broker's confirm.
+        ``original``: the properties of the message this is a copy of (``pool.copies``)."""
         if self.pub is None:
-            f: asyncio.Future[None] = self._loop.create_future()
-            f.set_exception(ChannelGone(0, "not connected"))
-            return f
+            return self._failed(ChannelGone(0, "not connected"))
+        props = None
+        if original is not None:
+            try:
+                props = copies.fit(copies.properties(original, headers), self.pub.frame_max)
+            except copies.FrameTooLarge as exc:
+                return self._failed(PublishError(str(exc)))
         fut = self.pub.publish(exchange, key, body, headers, props)
         sent = self._clock()
 
@@ -99,10 +105,15 @@ class Settler:
         fut.add_done_callback(confirmed)
         return fut
 
+    def _failed(self, exc: BaseException) -> asyncio.Future[None]:
+        f: asyncio.Future[None] = self._loop.create_future()
+        f.set_exception(exc)
+        return f
+
     def publish_then_ack(self, items: list[Delivery], exchange: str, key: str, body: bytes,
-                         headers: dict[str, Any], content_type: str | None) -> asyncio.Future[None]:
-        """Publish, and ack every one of ``items`` once confirmed (a failure is the awaiting caller's)."""
-        fut = self.publish(exchange, key, body, headers, pika.BasicProperties(content_type=content_type))
+                         headers: dict[str, Any], original: Any) -> asyncio.Future[None]:
+        """Publish a copy, and ack every one of ``items`` once confirmed (a failure is the awaiting caller's)."""
+        fut = self.publish(exchange, key, body, headers, original)
 
         def done(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -114,7 +125,7 @@ class Settler:
                 headers: dict[str, Any], routing_key: str | None = None) -> asyncio.Future[None]:
         """Republish a raw delivery fresh to ``exchange``; ack it once confirmed, return it if refused."""
         fut = self.publish(exchange, routing_key if routing_key is not None else method.routing_key, body, headers,
-                           pika.BasicProperties(content_type=props.content_type))
+                           props)
         tag = method.delivery_tag
 
         def done(f: asyncio.Future[None]) -> None:
@@ -132,7 +143,7 @@ class Settler:
     def reroute(self, d: Delivery) -> asyncio.Future[None]:
         """Send a decoded delivery back through its controller's exchange (a release's prefetched rest)."""
         return self.publish_then_ack([d], d.part.ctl.exchange, d.key, d.body,
-                                     carried_headers(d.headers, d.redeliveries), d.content_type)
+                                     carried_headers(d.headers, d.redeliveries), d.props)
 
     def hop(self, part: Partition, ch: Channel, method: Any, props: Any, body: bytes, delay_s: float,
             redeliveries: int) -> None:
@@ -187,7 +198,7 @@ class Settler:
             if decision.reason != codec.PARK_PERMANENT:
                 self._stats.failed += 1
             headers = self.parked_copy(last.part, last.key, last.headers, decision.reason, decision.error)
-            await self.publish_then_ack(items, "", ctl.names.parked, last.body, headers, last.content_type)
+            await self.publish_then_ack(items, "", ctl.names.parked, last.body, headers, last.props)
             return "error"
         if decision.error:
             self._stats.failed += 1
@@ -198,10 +209,11 @@ class Settler:
         else:
             self._stats.requeued += 1
         # the latest event rides the delay tiers; every covered delivery is acked on its confirm
-        headers = carried_headers(last.headers, 0)  # a retry starts its own death count
+        # a retry starts its own death count, but for the loop blocks it carries (pool.outcome)
+        headers = carried_headers(last.headers, decision.deaths)
         headers[codec.H_ATTEMPT] = decision.attempt  # 0 for a requeue_after
         exchange = self.delay_via(ctl, decision.seconds, headers)
-        await self.publish_then_ack(items, exchange, key, last.body, headers, last.content_type)
+        await self.publish_then_ack(items, exchange, key, last.body, headers, last.props)
         return "error" if decision.error else "requeue_after"
 
 

@@ -164,8 +164,8 @@ def test_a_deadline_passing_while_the_retry_awaits_its_confirm_gives_the_event_b
         rig.dispatch.expire()
         await until(lambda: rig.wire.published, "the retry")
         # When its task is cancelled once more by the deadline (an expire that lands in the settle)
-        task = next(iter(rig.dispatch._tasks))
-        rig.dispatch._timed_out.add(task)
+        task, run = next(iter(rig.dispatch._runs.items()))
+        run.timed_out = True
         task.cancel()
         # Then the delivery is not left unacked forever: it goes back to its queue...
         await until(lambda: ("nack", 1) in rig.wire.log, "nacked back")

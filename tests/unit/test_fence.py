@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from pool.fence import Fenced, Lease, fenced
+from pool.fence import Fenced, Lease, Steps, fenced
 
 
 class Clock:
@@ -48,7 +48,7 @@ def test_a_step_after_the_lease_ran_out_gets_fenced_instead():
 
     async def main() -> None:
         with pytest.raises(Fenced):
-            await fenced(reconcile(), lease, lambda s: None)
+            await fenced(reconcile(), lease, Steps())
 
     asyncio.run(main())
     # Then the step after the freeze never ran
@@ -65,7 +65,7 @@ def test_steps_run_unchanged_and_slow_ones_are_reported():
         clock.now += 2.5  # a blocking call inside a step
         return 7
 
-    assert asyncio.run(_await(fenced(reconcile(), lease, slow.append))) == 7
+    assert asyncio.run(_await(fenced(reconcile(), lease, Steps(slow.append)))) == 7
     assert slow == [2.5]
 
 

@@ -22,16 +22,23 @@ def _field(name: str, value: bytes) -> bytes:
     return bytes([len(name)]) + name.encode() + value
 
 
-@pytest.mark.parametrize("value", [b"T" + struct.pack(">Q", 2**62), b"d" + struct.pack(">d", float("inf"))],
-                         ids=["timestamp past 9999", "infinite double"])
-def test_a_header_value_pika_cannot_decode_marks_the_delivery(value):
-    # Given a content header with a value a non-pika publisher can send and pika can't decode
-    data = _header_frame(_field("x-when", value))
+@pytest.mark.parametrize("value", [b"T" + struct.pack(">Q", 2**62), b"T" + struct.pack(">Q", 1733650000000),
+                                   b"d" + struct.pack(">d", float("inf")), b"f" + struct.pack(">f", float("-inf"))],
+                         ids=["timestamp past 9999", "timestamp in milliseconds", "infinite double", "infinite float"])
+def test_a_header_value_pika_cannot_decode_is_dropped_and_named_the_rest_kept(value):
+    # Given a content header with a value a non-pika publisher can send and pika can't decode,
+    # beside good ones (one nested, holding a bad value too)
+    nested = _field("y", value)
+    table = (_field("x-when", value) + _field("k", b"I" + struct.pack(">i", 5))
+             + _field("t", b"F" + struct.pack(">I", len(nested)) + nested))
+    data = _header_frame(table)
     # When the connection's frame decoder reads it
     consumed, frame = pika.frame.decode_frame(data)
-    # Then it is consumed whole and the delivery carries the reason instead of its headers
+    # Then it is consumed whole; the unreadable headers are dropped and named; the rest is kept
     assert consumed == len(data)
-    assert set(frame.properties.headers) == {codec.H_BAD_FRAME}
+    assert frame.properties.headers == {"k": 5, codec.H_DROPPED: "x-when,t"}
+    # and the tolerant pass left pika's own decoder in place
+    assert pika.data.decode_value is frames._decode_value
 
 
 def test_a_value_that_decodes_but_cannot_be_sent_again_is_dropped_on_republish():

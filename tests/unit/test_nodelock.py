@@ -72,5 +72,82 @@ def test_an_unusable_state_dir_is_a_config_error_naming_the_flag(tmp_path: Path)
         nodelock.acquire(str(state), "web-1")
     # Then one line names the flag, the directory and the reason
     message = str(exc.value)
-    assert message.startswith(f"--state-dir {state}: cannot create the node-id lock {state}/web-1.lock: ")
-    assert "Not a directory" in message and "\n" not in message
+    assert message == f"--state-dir {state}: cannot create it: Not a directory"
+
+
+@pytest.mark.parametrize("plant", ["symlink to a dir", "other owner", "group writable", "a file"])
+def test_a_state_dir_someone_else_controls_is_refused_in_one_line(tmp_path: Path, plant: str) -> None:
+    # Given the default-style state dir, made first by someone else in a shared temp dir
+    state = tmp_path / "ctlpool-0"
+    if plant == "symlink to a dir":
+        (tmp_path / "elsewhere").mkdir()
+        os.symlink(tmp_path / "elsewhere", state)
+    elif plant == "a file":
+        state.write_text("")
+    else:
+        state.mkdir(mode=0o700)
+        if plant == "other owner":
+            os.chown(state, 4242, 4242)
+        else:
+            os.chmod(state, 0o770)
+    # When a pool locks its node id there
+    with pytest.raises(ConfigError) as exc:
+        nodelock.acquire(str(state), "web-1")
+    # Then it refuses in one line that says why and what to do, and created nothing there
+    message = str(exc.value)
+    assert message.startswith(f"--state-dir {state}: ") and "remove it" in message and "\n" not in message
+    if plant != "a file":
+        assert not os.path.exists(os.path.join(os.path.realpath(state), "web-1.lock"))
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo"])
+def test_a_planted_lock_file_is_refused_never_followed_or_waited_on(tmp_path: Path, plant: str) -> None:
+    # Given a private state dir whose lock path someone planted (a symlink to a victim, a FIFO)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    if plant == "symlink":
+        os.symlink(victim, state / "web-1.lock")
+    else:
+        os.mkfifo(state / "web-1.lock")
+    # When a pool locks its node id: refused at once (a FIFO would block an ordinary open)
+    with pytest.raises(ConfigError):
+        nodelock.acquire(str(state), "web-1")
+    assert victim.read_text() == "precious"
+
+
+def test_a_lock_file_removed_under_the_pool_is_taken_again(tmp_path: Path) -> None:
+    # Given a held node-id lock
+    state = tmp_path / "state"
+    lock = nodelock.acquire(str(state), "web-1")
+    try:
+        assert lock.check() is False  # all well: nothing done
+        # When a cleaner removes the whole state directory
+        import shutil
+
+        shutil.rmtree(state)
+        # Then the next check takes the lock afresh, at the same path, in a private directory
+        assert lock.check() is True
+        assert (state / "web-1.lock").read_text() == f"{os.getpid()}\n"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        # and a second pool with the same node id is refused again
+        with pytest.raises(ConfigError):
+            nodelock.acquire(str(state), "web-1")
+    finally:
+        lock.release()
+
+
+def test_a_lock_file_replaced_by_another_holder_stops_the_first(tmp_path: Path) -> None:
+    # Given a held lock whose file was removed, and another pool that locked the new file first
+    state = tmp_path / "state"
+    lock = nodelock.acquire(str(state), "web-1")
+    os.unlink(state / "web-1.lock")
+    other = nodelock.acquire(str(state), "web-1")
+    try:
+        # When the first one checks: it cannot run unlocked, it says so
+        with pytest.raises(ConfigError):
+            lock.check()
+    finally:
+        other.release()
+        lock.release()

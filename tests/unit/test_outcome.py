@@ -59,3 +59,24 @@ def test_jitter_comes_from_the_rand_passed_in():
     low = decide(ValueError(), policy=jittery, attempt=0, timeout_s=1, rand=lambda: 0.0)
     high = decide(ValueError(), policy=jittery, attempt=0, timeout_s=1, rand=lambda: 0.999999)
     assert math.isclose(low.seconds, 8.0) and math.isclose(high.seconds, 12.0, rel_tol=1e-5)
+
+
+def test_a_loop_blocker_is_blamed_like_a_death_retried_then_parked_naming_the_block():
+    from pool.errors import LoopBlocked
+
+    policy = RetryPolicy(base_s=1.0, factor=2.0, max_delay_s=60.0, max_attempts=8, jitter=0.0)
+
+    def blocked(deaths: int, attempt: int = 0):
+        return decide(LoopBlocked(2.04), policy=policy, attempt=attempt, timeout_s=30.0, rand=lambda: 0.5,
+                      deaths=deaths, max_deliveries=3)
+    # Given an event that blocked the loop, carrying no deaths yet
+    first = blocked(0)
+    # Then it is retried with backoff (not at once), carrying one death, the block named
+    assert isinstance(first, Delay) and first.seconds == 1.0 and first.attempt == 1 and first.deaths == 1
+    assert "held the event loop for 2.0s" in first.error and "1 of --max-deliveries 3" in first.error
+    # and the retry after that carries two; the third block parks it as loop-blocked
+    assert blocked(1, attempt=1).deaths == 2
+    third = blocked(2, attempt=2)
+    assert isinstance(third, Park) and third.reason == codec.PARK_LOOP_BLOCKED and "2.0s" in third.error
+    # Other failures don't add deaths: a retry starts its own count
+    assert d(RuntimeError("boom")).deaths == 0

@@ -53,7 +53,7 @@ BAD_VALUES: dict[str, str] = {
     "tls-cert-file": "/nonexistent/cert.pem",
     "tls-key-file": "/nonexistent/key.pem",
     "prefetch": "abc",
-    "concurrency": "",
+    "concurrency": "0",
     "reconcile-timeout-s": "nan",
     "drain-timeout-s": "inf",
     "reroute-on-acquire": "sometimes",
@@ -226,7 +226,7 @@ def test_good_toml_typed_values_are_accepted() -> None:
     assert s.topology.partitions == 8
 
 
-@pytest.mark.parametrize("value", ["4,1", "1,1,4", "1,,4", "0,4", "-1,4", "1.5,4"])
+@pytest.mark.parametrize("value", ["4,1", "1,1,4", "1,,4", "0,4", "-1,4", "1.5,4", "1,99999999999"])
 def test_tiers_must_be_increasing_positive_whole_seconds(value: str) -> None:
     # Given a tier list that is not strictly increasing positive integers
     # When resolved
@@ -590,3 +590,29 @@ def test_queue_replicas_set_the_quorum_group_size_only_when_given() -> None:
     assert partition_args(names, TopologySettings(replicas=5))["x-quorum-initial-group-size"] == 5
     assert tier_args(names, TopologySettings(replicas=2), 4)["x-quorum-initial-group-size"] == 2
     assert "x-quorum-initial-group-size" not in partition_args(names, TopologySettings(queue_type="classic", replicas=3))
+
+
+def test_an_empty_environment_variable_is_unset(tmp_path) -> None:
+    # Given an empty CTLPOOL_AMQP_URL (a unit's Environment= line left blank) and a URL file
+    url_file = tmp_path / "url"
+    url_file.write_text("amqp://u:p@mq1:5672/v\n")
+    # When resolved
+    s = resolve({"amqp-url-file": str(url_file)}, env={"CTLPOOL_AMQP_URL": "", "CTLPOOL_WORKERS": ""})
+    # Then the file's URL is used, as if the variable were not there, and empty numbers are defaults
+    assert s.broker.amqp_url == "amqp://u:p@mq1:5672/v"
+    assert s.workers == PoolSettings().workers
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"RUNTIME_DIRECTORY": "/run/ctlpool:/run/other", "XDG_RUNTIME_DIR": "/run/user/7"}, "/run/ctlpool"),
+    ({"XDG_RUNTIME_DIR": "/run/user/7"}, "/run/user/7/ctlpool"),
+    ({}, None),
+])
+def test_the_default_state_dir_is_private_first(env, expected) -> None:
+    import os
+    import tempfile
+
+    from pool.settings import default_state_dir
+
+    got = default_state_dir(env)
+    assert got == (expected or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}"))

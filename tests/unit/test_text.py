@@ -85,3 +85,24 @@ def test_status_render_escapes_what_members_announce() -> None:
     assert all(escape(line) == line for line in out.split("\n"))
     assert not any(line.lstrip().startswith("forged") for line in out.split("\n"))
     assert "x\\x1b[2J\\u202eexe.txt\\nforged" in out
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_log_lines_escape_what_came_from_outside(fmt: str) -> None:
+    import logging
+
+    from pool.logs import JsonFormatter, TextFormatter
+
+    # Given a log record whose message and key carry a newline, a C1 CSI and a bidi override
+    record = logging.LogRecord("ctlpool.worker", logging.WARNING, __file__, 1, "parking event: %s", ("bad\u202eexe",),
+                               None)
+    record.key = "k\x9b2J\nforged"
+    # When it is formatted
+    line = (JsonFormatter() if fmt == "json" else TextFormatter()).format(record)
+    # Then it is one line with none of those characters raw
+    assert "\n" not in line and "\u202e" not in line and "\x9b" not in line
+    assert "u202e" in line and ("\\x9b" in line or "\\u009b" in line)
+    if fmt == "json":
+        import json
+
+        assert json.loads(line)["key"] == "k\x9b2J\nforged"  # the same JSON: a reader decodes the key as sent

@@ -12,6 +12,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import pika
+
 from pool.controller import Controller
 from pool.fence import Lease
 from pool.settings import resolve
@@ -52,13 +54,16 @@ class Wire:
 
 
 class FakeConfirmChannel:
+    frame_max = 131072  # RabbitMQ's default
+
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.ch = SimpleNamespace(closed=asyncio.get_running_loop().create_future())
 
     def publish(self, exchange: str, key: str, body: bytes, headers: Any = None, props: Any = None) -> asyncio.Future[None]:
         seq = len(self.wire.published) + 1
-        self.wire.published.append(SimpleNamespace(seq=seq, exchange=exchange, key=key, body=body, headers=headers))
+        self.wire.published.append(SimpleNamespace(seq=seq, exchange=exchange, key=key, body=body, headers=headers,
+                                                   props=props))
         self.wire.log.append(("publish", seq, exchange, key))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.wire.pending[seq] = fut
@@ -110,12 +115,14 @@ class FakeChannel:
         self.conn.wire.log.append(("close", self.queue))
         self.is_open = False
 
-    def deliver(self, tag: int, key: str, body: bytes = b'{"n": 1}', headers: dict[str, Any] | None = None,
-                redelivered: bool = False) -> None:
-        """The broker delivers a message on this channel's consumer."""
+    def deliver(self, tag: int, key: str | bytes, body: bytes = b'{"n": 1}', headers: dict[str, Any] | None = None,
+                redelivered: bool = False, exchange: str | None = None, properties: dict[str, Any] | None = None) -> None:
+        """The broker delivers a message on this channel's consumer (through the controller's
+        exchange unless ``exchange`` says otherwise)."""
         assert self.on_message is not None
-        method = SimpleNamespace(delivery_tag=tag, routing_key=key, redelivered=redelivered)
-        props = SimpleNamespace(headers=headers, content_type="application/json")
+        method = SimpleNamespace(delivery_tag=tag, routing_key=key, redelivered=redelivered,
+                                 exchange=self.queue.rsplit(".", 1)[0] if exchange is None else exchange)
+        props = pika.BasicProperties(headers=headers, content_type="application/json", **(properties or {}))
         self.on_message(self, method, props, body)
 
 

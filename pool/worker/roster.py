@@ -1,0 +1,95 @@
+"""The roster: who is alive, as heard on the members exchange, and what this member announces.
+
+Data flow: the session's listen queue delivers every member's heartbeat to ``on_heartbeat``,
+which feeds the ``MemberTable`` and calls ``on_change`` (``Ownership.rebalance``) when the set of
+live members changed; ``expire`` (every tick) forgets members gone silent. ``announce`` publishes
+this member's own heartbeat: what it holds, whether the broker blocks it, how old its oldest
+unacked delivery is. Two live members with one id (a second pool with the same ``--node-id``,
+on another host or with another ``--state-dir``) would share partitions unpredictably: the one
+whose pool started later (``Heartbeat.since``) hears of it here and ``on_duplicate`` stops it,
+once it has heard the other twice (a single stale heartbeat proves nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+from .. import membership
+from ..membership import MemberTable
+from ..settings import PoolSettings
+from ..topology import members_exchange
+
+log = logging.getLogger("ctlpool.worker")
+
+DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
+DUPLICATE_HEARD = 2  # heartbeats from another process with our id before the later pool stops (not a stale one)
+
+
+class Roster:
+    def __init__(self, *, settings: PoolSettings, member_id: str, worker: int, started: float, since: float,
+                 controllers: tuple[str, ...], clock: Callable[[], float], on_change: Callable[[], None],
+                 on_duplicate: Callable[[str], None]) -> None:
+        self._settings = settings
+        self.member_id = member_id
+        self._worker = worker
+        self._started = started
+        self._since = since
+        self._controllers = controllers
+        self._clock = clock
+        self._on_change = on_change
+        self._on_duplicate = on_duplicate
+        self.members = MemberTable(settings.worker.member_timeout_s, clock)
+        self._duplicates: dict[tuple[str, int], int] = {}  # (node, pid) announcing our id -> heartbeats heard
+        self._duplicate_logged = -1e9
+
+    def reset(self) -> None:
+        """A new session: nobody heard yet."""
+        self.members = MemberTable(self._settings.worker.member_timeout_s, self._clock)
+
+    def live(self) -> list[membership.Heartbeat]:
+        return self.members.live()
+
+    def on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        hb = membership.decode(body)
+        if hb is None:
+            return
+        if hb.id == self.member_id and hb.pid != os.getpid():
+            self._duplicate(hb)
+            return
+        if self.members.observe(hb):
+            self._on_change()
+
+    def _duplicate(self, hb: membership.Heartbeat) -> None:
+        """Another live process announces our member id (see the module docstring)."""
+        other = (hb.node, hb.pid)
+        heard = self._duplicates[other] = self._duplicates.get(other, 0) + 1
+        earlier = (hb.since, hb.node, hb.pid) < (self._since, self._settings.node_id, os.getpid())
+        if earlier and heard >= DUPLICATE_HEARD:
+            self._on_duplicate(f"member id {hb.id} is already live: pid {hb.pid} on {hb.node}, in a pool started "
+                               f"earlier; --node-id must be unique among the pools on one broker")
+            return
+        now = self._clock()
+        if now - self._duplicate_logged >= DUPLICATE_LOG_S:
+            self._duplicate_logged = now
+            log.error("another process (pid %d on %s) announces member id %s too; --node-id must be unique "
+                      "per host, or the two share partitions unpredictably", hb.pid, hb.node, hb.id,
+                      extra={"worker": self._worker})
+
+    def expire(self) -> None:
+        """Every tick: forget members gone silent."""
+        gone = self.members.expire()
+        if gone:
+            log.info("members gone (no heartbeat for %.0fs): %s", self._settings.worker.member_timeout_s,
+                     ", ".join(gone), extra={"worker": self._worker})
+
+    def announce(self, ch: Any, *, parts: dict[str, dict[int, int]], blocked: str | None, broker: str,
+                 oldest_unacked_s: float, bye: bool = False) -> None:
+        """Publish our heartbeat on ``ch`` (not persistent, not confirmed: a lost one is just late)."""
+        s = self._settings
+        hb = membership.Heartbeat(id=self.member_id, node=s.node_id, worker=self._worker, weight=s.weight,
+                                  started=self._started, controllers=self._controllers, bye=bye, parts=parts,
+                                  pid=os.getpid(), blocked=blocked or "", broker=broker,
+                                  oldest_unacked_s=round(oldest_unacked_s, 1), since=self._since)
+        ch.raw.basic_publish(members_exchange(s.broker.prefix), "", membership.encode(hb))
