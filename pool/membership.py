@@ -88,6 +88,11 @@ class MemberTable:
     def live(self) -> list[Heartbeat]:
         return [hb for hb, _ in sorted(self._members.values(), key=lambda e: e[0].id)]
 
+    def get(self, member_id: str) -> Heartbeat | None:
+        """The member's last heartbeat, if it is live."""
+        entry = self._members.get(member_id)
+        return entry[0] if entry else None
+
     def last_seen(self, member_id: str) -> float | None:
         entry = self._members.get(member_id)
         return entry[1] if entry else None

@@ -40,12 +40,11 @@ from .guard import Guard
 from .intake import Intake
 from .ownership import Ownership
 from .parts import Ctl, WorkerStats
+from .roster import SETTLE_INTERVALS
 from .session import Backoff, Session
 from .settle import Settler
 
 log = logging.getLogger("ctlpool.worker")
-
-SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking partitions
 
 
 class Worker:

@@ -3,9 +3,11 @@
 Data flow: the ``Roster`` says who is alive (member heartbeats); ``rebalance`` asks
 ``assignment.assign`` (pure) which partitions this member should own and, in the
 background, ``acquire``s the missing ones and hands the rest over (``hand_over``: on quorum
-queues it keeps consuming a partition until the new owner has subscribed behind it, so a member
-that announces itself but never consumes — a spoofed heartbeat, a member whose consumers fail —
-can't leave a partition unconsumed; then ``release``). Acquiring opens a
+queues it keeps consuming a partition until the new owner announces it has subscribed behind
+it, then ``release``). A member that announces itself but never consumes — a forged heartbeat
+on the members exchange, a member whose consumers fail — can't leave partitions unconsumed: a
+running one keeps what it should hand to it, and once it has held none of its share for a grace
+period (``Roster.idle``) every member leaves it out of the assignment. Acquiring opens a
 channel and consumes (single-active-consumer on quorum queues, ``exclusive`` on classic
 ones: the broker is the lock); the ``Guard`` measures the ring-drift window first when the
 partition isn't known clean. Release and drain never cancel a consumer with work in flight
@@ -117,7 +119,11 @@ class Ownership:
             members = [Member(hb.id, hb.weight) for hb in live if ctl.name in hb.controllers]
             if not any(m.id == self.member_id for m in members):
                 members.append(Member(self.member_id, self._settings.weight))
-            owners = self._owners[ctl.index] = assign(members, ctl.name, self._partitions)
+            owners = assign(members, ctl.name, self._partitions)
+            idle = self.roster.idle(ctl.name, owners, exclude=self.member_id)
+            if idle:
+                owners = assign([m for m in members if m.id not in idle], ctl.name, self._partitions)
+            self._owners[ctl.index] = owners
             for index, owner in enumerate(owners):
                 if owner == self.member_id and (ctl.index, index) not in self.parts:
                     self._spawn(self.acquire(ctl, index), self._acquiring)
@@ -175,6 +181,7 @@ class Ownership:
                 # the tag names us: ``rabbitmqctl list_consumers`` shows which member holds a partition
                 await ch.consume(part.queue, lambda c, m, pr, b, ch=ch: self._intake.on_message(part, ch, m, pr, b),
                                  exclusive=self._exclusive, consumer_tag=f"ctlpool {self.member_id}")
+                part.subscribed = True
                 self._stats.acquisitions += 1
                 self._metrics.handover(ctl.name, "acquired")
                 ch.closed.add_done_callback(
@@ -220,22 +227,21 @@ class Ownership:
         return owners[part.index] if owners else None
 
     async def hand_over(self, part: Partition) -> None:
-        """Keep consuming ``part`` until another consumer (its new owner, as a single-active-consumer
-        standby) has subscribed, then ``release`` it; stay if it is ours again meanwhile."""
+        """Keep consuming ``part`` until its new owner announces it has subscribed (a single-active-
+        consumer standby behind us), then ``release`` it; stay if it is ours again meanwhile."""
         part.leaving = True
         since, warned = self._clock(), False
         try:
             while True:
-                if part.releasing or self._owner(part) == self.member_id or part.ch is None or not part.ch.is_open:
+                owner = self._owner(part)
+                if part.releasing or owner == self.member_id or not part.subscribed:
                     return  # a drain releases it; or it stays ours
-                ok = await part.ch.rpc("queue_declare", queue=part.queue, passive=True)
-                if ok.method.consumer_count > 1:
+                if owner is not None and self.roster.holds(owner, part.ctl.name, part.index):
                     break
                 if not warned and self._clock() - since >= HANDOVER_LOG_S:
                     warned = True
-                    log.warning("%s should move to member %s, which has not subscribed to it in %.0fs (a spoofed "
-                                "heartbeat on the members exchange, or a member that cannot consume); keeping it",
-                                part.queue, self._owner(part), HANDOVER_LOG_S,
+                    log.warning("%s should move to member %s, which has not subscribed to it in %.0fs; keeping it "
+                                "meanwhile", part.queue, owner, HANDOVER_LOG_S,
                                 extra={"worker": self._worker, "partition": part.index, "controller": part.ctl.name})
                 await asyncio.sleep(HANDOVER_POLL_S)
         finally:

@@ -40,7 +40,7 @@ class Partition:
 
     __slots__ = ("ctl", "index", "queue", "ch", "guard_left", "held", "dispatched", "idle",
                  "releasing", "acquiring", "acquired_at", "rerouted", "unacked", "guarding", "guard_futs", "may_mark", "acks",
-                 "leaving", "_oldest", "_oldest_since")
+                 "leaving", "subscribed", "_oldest", "_oldest_since")
 
     def __init__(self, ctl: Ctl, index: int, queue: str) -> None:
         self.ctl = ctl
@@ -58,6 +58,7 @@ class Partition:
         self.idle.set()
         self.releasing = False
         self.leaving = False  # waiting for its new owner to subscribe before releasing (Ownership.hand_over)
+        self.subscribed = False  # the broker accepted our consumer (active, or a single-active-consumer standby)
         self.acquiring: asyncio.Task[None] | None = None  # the acquisition in progress (a release waits for it)
         self.acquired_at = 0.0
         self.rerouted = 0
@@ -75,8 +76,8 @@ class Partition:
 
     @property
     def active(self) -> bool:
-        """Consuming, and not on its way out."""
-        return self.ch is not None and not self.releasing
+        """Subscribed, and not on its way out: what a heartbeat announces as held."""
+        return self.subscribed and not self.releasing
 
 
 class Delivery:

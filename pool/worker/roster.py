@@ -7,7 +7,10 @@ this member's own heartbeat: what it holds, whether the broker blocks it, how ol
 unacked delivery is. Two live members with one id (a second pool with the same ``--node-id``,
 on another host or with another ``--state-dir``) would share partitions unpredictably: the one
 whose pool started later (``Heartbeat.since``) hears of it here and ``on_duplicate`` stops it,
-once it has heard the other twice (a single stale heartbeat proves nothing).
+once it has heard the other twice (a single stale heartbeat proves nothing). ``idle`` names the
+members that were assigned partitions but have announced holding none of them for
+``grace_s`` (a forged heartbeat, or a member that can't consume): the assignment leaves them
+out, each logged once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..topology import members_exchange
 
 log = logging.getLogger("ctlpool.worker")
 
+SETTLE_INTERVALS = 2  # heartbeat intervals a new member listens before taking partitions (pool.worker.lifecycle)
 DUPLICATE_LOG_S = 60.0  # another process announcing our member id is logged this often
 DUPLICATE_HEARD = 2  # heartbeats from another process with our id before the later pool stops (not a stale one)
 
@@ -41,15 +45,44 @@ class Roster:
         self._on_change = on_change
         self._on_duplicate = on_duplicate
         self.members = MemberTable(settings.worker.member_timeout_s, clock)
+        # a real member has heartbeats through its settle period and its acquisitions, and a tick to tell
+        self.grace_s = settings.worker.member_timeout_s + (SETTLE_INTERVALS + 2) * settings.worker.heartbeat_interval_s
+        self._first_seen: dict[str, float] = {}
+        self._idle_logged: set[tuple[str, float]] = set()
         self._duplicates: dict[tuple[str, int], int] = {}  # (node, pid) announcing our id -> heartbeats heard
         self._duplicate_logged = -1e9
 
     def reset(self) -> None:
         """A new session: nobody heard yet."""
         self.members = MemberTable(self._settings.worker.member_timeout_s, self._clock)
+        self._first_seen.clear()
 
     def live(self) -> list[membership.Heartbeat]:
         return self.members.live()
+
+    def holds(self, member_id: str, controller: str, index: int) -> bool:
+        """Whether ``member_id`` last announced it has subscribed to that partition."""
+        hb = self.members.get(member_id)
+        return hb is not None and index in hb.parts.get(controller, {})
+
+    def idle(self, controller: str, owners: list[str | None], *, exclude: str) -> set[str]:
+        """Members assigned some of ``controller``'s partitions (``owners``) that have announced
+        holding none of them for ``grace_s`` since we first heard them (see the module docstring)."""
+        now = self._clock()
+        out = set()
+        for member_id in set(owners) - {exclude, None}:
+            hb = self.members.get(member_id)  # type: ignore[arg-type]
+            if hb is None or hb.parts.get(controller) or now - self._first_seen.get(hb.id, now) < self.grace_s:
+                continue
+            out.add(hb.id)
+            if (hb.id, hb.started) not in self._idle_logged:
+                self._idle_logged.add((hb.id, hb.started))
+                log.warning("member %s (pid %d on %s) has announced itself for %.0fs but holds none of the %d "
+                            "partitions of %s it was given; leaving it out (a forged heartbeat on the members "
+                            "exchange, or a member that cannot consume)", hb.id, hb.pid, hb.node,
+                            now - self._first_seen[hb.id], owners.count(hb.id), controller,
+                            extra={"worker": self._worker, "controller": controller})
+        return out
 
     def on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
         hb = membership.decode(body)
@@ -58,6 +91,7 @@ class Roster:
         if hb.id == self.member_id and hb.pid != os.getpid():
             self._duplicate(hb)
             return
+        self._first_seen.setdefault(hb.id, self._clock())
         if self.members.observe(hb):
             self._on_change()
 

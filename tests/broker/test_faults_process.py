@@ -143,9 +143,108 @@ def test_a_second_pool_with_the_same_node_id_refuses_to_start(amqp_url, prefix, 
         # Then it exits 2 with one line naming the flag and the directory
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1
-        assert r.stderr.startswith(f"ctlpool: error: --state-dir {bad}: cannot create the node-id lock"), r.stderr
+        assert r.stderr.startswith(f"ctlpool: error: --state-dir {bad}: cannot create it"), r.stderr
     finally:
         assert pool.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_with_the_same_node_id_elsewhere_stops_the_later_one(amqp_url, prefix, tmp_path, rec_dir, node):
+    # Given a running pool
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    other = make_pool(amqp_url, prefix, tmp_path, rec_dir, (node[0], str(tmp_path / "other-state")),
+                      log_name="other.log")
+    try:
+        pool.wait_ready()
+        # When a second pool announces the same member ids from another state dir (as another host would)
+        other.start()
+        code = other.run.proc.wait(60)
+        # Then the later one exits 2 before taking any partition, one ERROR line saying why
+        assert code == 2
+        said = [e["msg"] for e in other.logs() if e["level"] == "error" and "already live" in e["msg"]]
+        assert said and all("--node-id must be unique" in m for m in said)
+        assert not [e for e in other.logs() if "consuming" in e["msg"]]
+        # and the first runs on, consuming every partition, untouched
+        assert pool.proc.poll() is None and len(pool.worker_pids()) == 2
+        publish_many(amqp_url, prefix, "rec", [(f"k{i}", {"n": 1}) for i in range(20)])
+        wait_until(lambda: reconciled(rec_dir, {f"k{i}" for i in range(20)}) <= set(pool.worker_pids())
+                   and reconciled(rec_dir, {f"k{i}" for i in range(20)}), 30, what="the first pool reconciles")
+    finally:
+        kill_group(other)
+        assert pool.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_state_dir_removed_under_a_running_pool_is_locked_again(amqp_url, prefix, tmp_path, rec_dir, node):
+    import shutil
+
+    node_id, state_dir = node
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    try:
+        pool.wait_ready()
+        # When a temp-directory cleaner removes the state dir under the running pool
+        shutil.rmtree(state_dir)
+        # Then the supervisor takes the lock again within a couple of seconds, and says so
+        lock = Path(state_dir) / f"{node_id}.lock"
+        wait_until(lambda: lock.exists() and lock.read_text() == f"{pool.proc.pid}\n", 10, what="the lock again")
+        wait_until(lambda: any("took it again" in e["msg"] for e in pool.logs()), 10, what="the warning")
+        # and a second pool with the same node id and state dir is refused, as before the cleaner
+        r = ctlpool_cli(amqp_url, "run", "--controllers", "tests.ctl_fixtures:Recorder", "--prefix", prefix,
+                        "--partitions", str(PARTITIONS), "--log-level", "warning", "--node-id", node_id,
+                        "--state-dir", state_dir)
+        assert r.returncode == 2 and "is in use on this host" in r.stderr, r.stderr
+    finally:
+        assert pool.stop() == 0
+
+
+@pytest.mark.timeout(150)
+def test_journals_the_state_dir_cannot_hold_live_in_memory_and_poison_is_still_parked(amqp_url, prefix, tmp_path,
+                                                                                     rec_dir, node):
+    # Given a state dir where the journal files can't be made (a FIFO and a directory squat their names)
+    node_id, state_dir = node
+    os.makedirs(state_dir, mode=0o700)
+    os.mkfifo(os.path.join(state_dir, f"{node_id}-0.inflight"))
+    os.mkdir(os.path.join(state_dir, f"{node_id}-1.inflight"))
+    pool = make_pool(amqp_url, prefix, tmp_path, rec_dir, node).start()
+    try:
+        # When the pool starts: one WARNING, and it runs (it neither hangs on the FIFO nor refuses)
+        pool.wait_ready()
+        warned = [e for e in pool.logs() if "keeping them in memory" in e["msg"]]
+        assert len(warned) == 1 and warned[0]["level"] == "warning"
+        # and an event kills whichever worker reconciles it
+        publish_many(amqp_url, prefix, "rec", [("killer", {"n": 1, "crash": True}), ("fine", {"n": 1})])
+        wait_until(lambda: queue_depth(amqp_url, f"{prefix}.rec.parked") == 1, 90, what="the killer parked")
+    finally:
+        assert pool.stop() == 0
+    # Then it was parked after exactly --max-deliveries (3) deaths, not the broker's 20
+    deaths = [e for e in pool.logs() if e["logger"] == "ctlpool.supervisor" and "died (exit" in e["msg"]]
+    assert len(deaths) == 3, [e["msg"] for e in deaths]
+    from tests.helpers import get_all
+
+    [(_m, props, _b)] = get_all(amqp_url, f"{prefix}.rec.parked")
+    assert props.headers["x-ctlpool-reason"] == "too-many-deliveries"
+    assert reconciled(rec_dir, {"fine"})
+
+
+@pytest.mark.timeout(60)
+def test_a_default_state_dir_planted_by_someone_else_is_refused(amqp_url, prefix, tmp_path):
+    # Given the default state dir's name in the temp directory, made first: a symlink to elsewhere
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp / f"ctlpool-{os.getuid()}")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CTLPOOL_") and k not in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR")}
+    env.update(CTLPOOL_AMQP_URL=amqp_url, PYTHONPATH=str(ROOT), TMPDIR=str(tmp))
+    # When a pool starts with the default state dir
+    r = subprocess.run([sys.executable, "-m", "pool.cli", "run", "--controllers", "tests.ctl_fixtures:Recorder",
+                        "--prefix", prefix, "--partitions", str(PARTITIONS), "--log-level", "warning"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then it refuses in one line, and wrote nothing where the link points
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"ctlpool: error: --state-dir {tmp}/ctlpool-{os.getuid()}: is a symbolic link; remove it "
+                        "(or point --state-dir at a directory only this user can write) and start again\n")
+    assert os.listdir(tmp_path / "elsewhere") == []
 
 
 def memory_watermark() -> str:

@@ -369,3 +369,49 @@ def test_a_release_racing_the_acquisition_leaves_no_consumer_on_the_broker(amqp_
                 conn.close()
 
     assert asyncio.run(go()) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_forged_member_never_leaves_a_partition_unconsumed(amqp_url, prefix, tmp_path, rec_dir):
+    import threading
+
+    from pool import membership
+
+    # Given a pool of two workers under load
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, rate=200, sleep_ms=20) as (pool, load):
+        # When someone publishes heartbeats on the members exchange for 15 s, of a member that does
+        # not exist and so consumes nothing (it would get a third of the partitions)
+        stop = threading.Event()
+        ghost = membership.Heartbeat(id="ghost/0", node="ghost", worker=0, weight=1.0, started=time.time(),
+                                     controllers=("rec",), pid=4242)
+
+        def forge() -> None:
+            conn = _connect(amqp_url)
+            ch = conn.channel()
+            while not stop.wait(0.5):
+                ch.basic_publish(f"{prefix}.members", "", membership.encode(ghost))
+            conn.close()
+        forger = threading.Thread(target=forge, daemon=True)
+        forger.start()
+        # Then, sampled every 0.2 s all along, every partition always has its active consumer
+        unconsumed: list[str] = []
+        conn = _connect(amqp_url)
+        ch = conn.channel()
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline:
+                for i in range(PARTITIONS):
+                    q = f"{prefix}.rec.p{i:03d}"
+                    if ch.queue_declare(q, passive=True).method.consumer_count == 0:
+                        unconsumed.append(q)
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            forger.join(5)
+            conn.close()
+        assert unconsumed == [], unconsumed[:10]
+        # and the forged member was named once it had held nothing for the grace period
+        wait_until(lambda: logged(pool, "member ghost/0"), 10, what="the forged member named")
+    records = read_records(str(rec_dir))
+    assert overlaps(records) == []
+    assert parked_by_key(amqp_url, prefix) == {}
