@@ -220,3 +220,32 @@ def test_the_readme_permissions_let_a_publisher_use_the_ring_and_nothing_else(am
     finally:
         assert pool.stop() == 0
     assert parked_by_key(amqp_url, prefix) == {}
+
+
+@pytest.mark.timeout(180)
+def test_a_blocker_a_frame_sized_poison_and_cc_copies_in_one_run(amqp_url, prefix, tmp_path, rec_dir):
+    # Given a pool of two workers with a 5 s heartbeat under steady load
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", rate=200, sleep_ms=20) as (pool, load):
+        parts = [f"{prefix}.rec.p{i:03d}" for i in range(PARTITIONS)]
+        # When, in one run, a reconcile blocks its loop for 30 s (every time), an event 16 bytes under
+        # frame_max fails every time, and a slow key's events come with CC copies through the
+        # controller's exchange and through the default exchange
+        publish_many(amqp_url, prefix, "rec", [("blocker", {"n": 1, "block_s": 30, "block_always": True})])
+        foreign_publish(amqp_url, f"{prefix}.rec", [("huge", b'{"n": 1, "fail": 99}', blob_for(FRAME_MAX - 16))])
+        for n in range(1, 11):
+            body = f'{{"n": {n}, "sleep_ms": 300}}'.encode()
+            exchange, cc = (f"{prefix}.rec", [f"o{i}" for i in range(16)]) if n % 2 else ("", parts)
+            foreign_publish(amqp_url, exchange, [("slow", body, {"CC": cc})])
+        wait_until(lambda: len(parked_by_key(amqp_url, prefix, keep=True)) == 2, 120, what="both poisons parked")
+        wait_until(lambda: any(r["k"] == "slow" and r["r"] == "ok" and r["n"] == 10
+                               for r in read_records(str(rec_dir))), 60, what="the slow key's last event")
+    # Then (under_load checked every healthy key's last event and empty partitions) both poisons
+    # were parked, for what they are, and nothing healthy
+    parked = parked_by_key(amqp_url, prefix)
+    assert {k: [h["x-ctlpool-reason"] for h in v] for k, v in parked.items()} == {
+        "blocker": ["loop-blocked"], "huge": ["max-attempts"]}
+    # and no key was reconciled twice at once (the blocking steps were cut short: none to except)
+    records = read_records(str(rec_dir))
+    assert overlaps(records) == [], overlaps(records)[:3]
+    assert_latest_reconciled(records, {**load.per_key, "slow": 10})
+    assert session_losses(pool) == [] and not logged(pool, "fencing")

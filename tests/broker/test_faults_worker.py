@@ -9,6 +9,7 @@ what was parked and why. Sizes fit the 2-core box: a few hundred keys at ~200-40
 from __future__ import annotations
 
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -111,8 +112,20 @@ def under_load(url: str, prefix: str, tmp_path: Path, rec_dir: Path, *args: str,
             wait_until(lambda: load.published > 2 * rate, 30, what="load running")
             yield pool, load
         wait_until(lambda: _holds(check, rec_dir, load.per_key), 90, what="no event lost")
+        # liveness: nothing is left waiting in, or held unacked from, any partition, and no worker's
+        # bookkeeping ever needed the stall watchdog
+        wait_until(lambda: partition_messages(prefix) == 0, 30, what="nothing left held in the partitions")
+        stalls = [e["msg"] for e in pool.logs() if "stalled" in e["msg"] or "for a fresh one" in e["msg"]]
+        assert stalls == [], stalls[:3]
     finally:
         pool.stop()
+
+
+def partition_messages(prefix: str) -> int:
+    """Messages in the controller's partitions, ready and unacked (rabbitmqctl: AMQP counts only ready)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages"], capture_output=True, text=True,
+                         timeout=60).stdout
+    return sum(int(line.split()[-1]) for line in out.splitlines() if re.match(rf"{prefix}\.rec\.p\d+\s", line))
 
 
 @pytest.mark.timeout(150)
@@ -193,8 +206,10 @@ def _consumers(prefix: str) -> int:
 
 @pytest.mark.timeout(180)
 def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_path, rec_dir):
-    # Given two workers with a 5 s heartbeat, reconciles that wait (many in flight at any time)
-    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", check=assert_none_lost) as (pool, load):
+    # Given two workers with a 5 s heartbeat and 4 reconciles at a time, reconciles that wait (all
+    # slots busy and keys waiting for them: a finishing reconcile starts the next from its own task)
+    with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", "--concurrency", "4",
+                    sleep_ms=25, check=assert_none_lost) as (pool, load):
         # When one worker is frozen (SIGSTOP) for 25 s while the other takes its partitions
         frozen = pool.worker_pids()[0]
         os.kill(frozen, signal.SIGSTOP)
@@ -203,6 +218,10 @@ def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_pat
         finally:
             os.kill(frozen, signal.SIGCONT)
         wait_until(lambda: logged(pool, "fencing"), 30, what="the thawed worker fences")
+        fenced_at = time.monotonic_ns()
+        # and reconciles again under the load (before the fix a worker could hold its partitions for good)
+        wait_until(lambda: any(r["pid"] == frozen and r["r"] == "ok" and r["s"] > fenced_at
+                               for r in read_records(str(rec_dir))), 60, what="the thawed worker reconciling")
     # Then none of its in-flight reconciles took another step next to the new owner's
     records = read_records(str(rec_dir))
     assert overlaps(records) == [], overlaps(records)[:5]

@@ -323,7 +323,7 @@ def test_reconcile_timeout_fails_the_attempt(amqp_url, prefix, tmp_path, rec_dir
     assert not [r for r in read_records(str(rec_dir)) if r["r"] != "cancelled"], "the cancelled reconciles never finished"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_sighup_rolls_workers_one_at_a_time_without_loss(amqp_url, prefix, tmp_path, rec_dir):
     # Given a loaded pool
     pool = make_pool(amqp_url, prefix, tmp_path, rec_dir).start()
@@ -332,17 +332,25 @@ def test_sighup_rolls_workers_one_at_a_time_without_loss(amqp_url, prefix, tmp_p
         before = set(pool.worker_pids())
         with Load(amqp_url, prefix, rate=500) as load:
             load.flow(500)
-            # When it gets SIGHUP
+            # When it gets SIGHUP, and again while that rolling restart is under way
             pool.signal(signal.SIGHUP)
-            wait_until(lambda: not (set(pool.worker_pids()) & before) and len(pool.worker_pids()) == 2, 60,
-                       what="both workers replaced")
+            wait_until(lambda: len(set(pool.worker_pids()) - before) >= 1, 60, what="the first worker replaced")
+            pool.signal(signal.SIGHUP)
+            seen = set(before)
+
+            def rolled_twice() -> bool:
+                now = set(pool.worker_pids())
+                seen.update(now)
+                return len(now) == 2 and len(seen) >= 6 and not now & before  # 2 + 2 + 2 processes
+            wait_until(rolled_twice, 120, interval=0.05, what="both workers replaced twice")
             load.flow(500)
         wait_until(lambda: backlog(amqp_url, prefix) == 0, 60, what="drained")
     finally:
         assert pool.stop() == 0
     # Then the workers were replaced one after the other, nothing lost, nothing overlapped
     msgs = [e["msg"] for e in pool.logs()]
-    assert any("rolling restart" in m for m in msgs)
+    assert sum("SIGHUP: rolling restart" in m for m in msgs) == 2  # the second SIGHUP was not dropped
+    assert any("another rolling restart follows" in m for m in msgs)
     assert not any("died" in m for m in msgs), "a rolled worker is not a crash"
     records = read_records(str(rec_dir))
     assert overlaps(records) == []
