@@ -45,6 +45,7 @@ INNER_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # what Debian's /usr/sbi
 NET_TICKTIME_S = 10  # a silent peer node is down after 10 s (7.5-12.5), not the default 60 s (45-75)
 NOFILE = 65536  # each node's file-descriptor limit (RabbitMQ's production advice), or the hard limit if lower
 MARKER = ".ctlpool-devcluster"  # --wipe deletes only a directory holding this file
+HEAL_WAIT_S = 30.0  # autoheal acts within a few seconds of the nodes seeing each other again; past this, heal by hand
 START_TIMEOUT_S = 120.0  # three nodes booting at once took ~11 s here
 CTL_TIMEOUT_S = 60.0
 POLL_S = 0.25
@@ -421,8 +422,26 @@ class LocalCluster:
                     raise ClusterError(f"{node.name}: {PLUGIN} does not run; see {self.log_file(node.number)}")
                 changed = True
         if changed or views[0][1] != everyone:
-            self._wait("all nodes running in one cluster", lambda: self.members(1)[1] == everyone, timeout)
+            try:
+                self._wait("all nodes running in one cluster", lambda: self.members(1)[1] == everyone,
+                           min(timeout, HEAL_WAIT_S))
+            except ClusterError:
+                self._heal(timeout)
+                changed = True
         return changed
+
+    def _heal(self, timeout: float) -> None:
+        """A partition autoheal left in place (seen after a frozen node's thaw): restart the nodes
+        that see fewer running peers than the largest side does, then wait for one cluster."""
+        views = self._each(self.members)
+        largest = max(len(running) for _members, running in views)
+        for node, (_members, running) in zip(self.nodes, views):
+            if len(running) < largest:
+                self.say(f"{node.name}: sees {len(running)} of {len(self.nodes)} nodes running (a partition "
+                         "autoheal did not heal); restarting it")
+                self.restart(node.number, timeout)
+        everyone = {n.name for n in self.nodes}
+        self._wait("all nodes running in one cluster", lambda: self.members(1)[1] == everyone, timeout)
 
     def down(self, wipe: bool = False) -> None:
         """Stops every node; ``wipe`` then deletes the base directory (only one this tool made)."""

@@ -8,9 +8,9 @@ unacked delivery is. Two live members with one id (a second pool with the same `
 on another host or with another ``--state-dir``) would share partitions unpredictably: the one
 whose pool started later (``Heartbeat.since``) hears of it here and ``on_duplicate`` stops it,
 once it has heard the other twice (a single stale heartbeat proves nothing). ``idle`` names the
-members that were assigned partitions but have announced holding none of them for
-``grace_s`` (a forged heartbeat, or a member that can't consume): the assignment leaves them
-out, each logged once.
+members that were assigned partitions but have announced holding none for ``grace_s`` (a
+forged heartbeat, or a member that can't consume): the assignment leaves them out, each
+logged once.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Roster:
         self.members = MemberTable(settings.worker.member_timeout_s, clock)
         # a real member has heartbeats through its settle period and its acquisitions, and a tick to tell
         self.grace_s = settings.worker.member_timeout_s + (SETTLE_INTERVALS + 2) * settings.worker.heartbeat_interval_s
-        self._first_seen: dict[str, float] = {}
+        # (member, incarnation) -> since when it has announced holding nothing (absent: it holds some)
+        self._empty_since: dict[tuple[str, float], float] = {}
         self._idle_logged: set[tuple[str, float]] = set()
         self._duplicates: dict[tuple[str, int], int] = {}  # (node, pid) announcing our id -> heartbeats heard
         self._duplicate_logged = -1e9
@@ -55,7 +56,7 @@ class Roster:
     def reset(self) -> None:
         """A new session: nobody heard yet."""
         self.members = MemberTable(self._settings.worker.member_timeout_s, self._clock)
-        self._first_seen.clear()
+        self._empty_since.clear()
 
     def live(self) -> list[membership.Heartbeat]:
         return self.members.live()
@@ -67,12 +68,16 @@ class Roster:
 
     def idle(self, controller: str, owners: list[str | None], *, exclude: str) -> set[str]:
         """Members assigned some of ``controller``'s partitions (``owners``) that have announced
-        holding none of them for ``grace_s`` since we first heard them (see the module docstring)."""
+        holding none, in every heartbeat heard for ``grace_s`` (a reconnecting or restarted member
+        gets the grace period afresh; see the module docstring)."""
         now = self._clock()
         out = set()
         for member_id in set(owners) - {exclude, None}:
             hb = self.members.get(member_id)  # type: ignore[arg-type]
-            if hb is None or hb.parts.get(controller) or now - self._first_seen.get(hb.id, now) < self.grace_s:
+            if hb is None or hb.parts.get(controller):
+                continue
+            first = self._empty_since.get((hb.id, hb.started), now)
+            if now - first < self.grace_s:
                 continue
             out.add(hb.id)
             if (hb.id, hb.started) not in self._idle_logged:
@@ -80,7 +85,7 @@ class Roster:
                 log.warning("member %s (pid %d on %s) has announced itself for %.0fs but holds none of the %d "
                             "partitions of %s it was given; leaving it out (a forged heartbeat on the members "
                             "exchange, or a member that cannot consume)", hb.id, hb.pid, hb.node,
-                            now - self._first_seen[hb.id], owners.count(hb.id), controller,
+                            now - first, owners.count(hb.id), controller,
                             extra={"worker": self._worker, "controller": controller})
         return out
 
@@ -91,7 +96,11 @@ class Roster:
         if hb.id == self.member_id and hb.pid != os.getpid():
             self._duplicate(hb)
             return
-        self._first_seen.setdefault(hb.id, self._clock())
+        incarnation = (hb.id, hb.started)  # a restarted member starts afresh
+        if any(hb.parts.values()):
+            self._empty_since.pop(incarnation, None)
+        else:
+            self._empty_since.setdefault(incarnation, self._clock())
         if self.members.observe(hb):
             self._on_change()
 

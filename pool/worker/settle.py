@@ -67,8 +67,11 @@ class Settler:
             ch = part.ch
             frames = part.acks.flush()
             if ch is not None and ch.is_open:
-                for tag, multiple in frames:
-                    ch.raw.basic_ack(tag, multiple)
+                try:
+                    for tag, multiple in frames:
+                        ch.raw.basic_ack(tag, multiple)
+                except pika.exceptions.AMQPError:
+                    pass  # closing under us (the broker closed the connection): the deliveries go back
 
     def return_later(self, part: Partition, ch: Channel, tag: int) -> None:
         """A delivery we could not settle (the broker refused its retry or parked copy): put it
@@ -79,7 +82,10 @@ class Settler:
         def back() -> None:
             if ch is part.ch and ch.is_open and part.acks.forget(tag):  # not acked meanwhile (a late confirm)
                 part.unacked -= 1
-                ch.raw.basic_nack(tag, multiple=False, requeue=True)
+                try:
+                    ch.raw.basic_nack(tag, multiple=False, requeue=True)
+                except pika.exceptions.AMQPError:
+                    pass  # closing under us: the broker puts it back anyway
         self._loop.call_later(SETTLE_RETRY_S, back)
 
     # ---------------------------------------------------------------- confirmed publishes

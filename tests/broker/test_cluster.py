@@ -116,11 +116,12 @@ def test_a_frozen_node_the_workers_use(nodes: LocalCluster, hosts: Hosts) -> Non
     """A paused VM, or a network that drops packets without a reset: the node's sockets stay open,
     and nothing answers (no connection is refused or reset to tell anyone)."""
     start_pool(hosts)
-    with Load(hosts.url, hosts.prefix, rate=300) as load:
+    # Given the node most workers consume from, and a load published through the other nodes (a
+    # publisher on the frozen node would stall too, and then there would be nothing to reconcile)
+    victim, _ = connected(hosts).most_common(1)[0]
+    pids = {int(m["pid"]) for m in hosts.owners()["members"] if node_of(m["broker_node"]) == victim}
+    with Load(",".join(n.url for n in NODES if n.number != victim), hosts.prefix, rate=300) as load:
         load.flow(600)
-        # Given the node most workers consume from
-        victim, _ = connected(hosts).most_common(1)[0]
-        pids = {int(m["pid"]) for m in hosts.owners()["members"] if node_of(m["broker_node"]) == victim}
         # When its beam.smp is frozen (SIGSTOP)
         t_freeze = time.monotonic_ns()
         nodes.freeze(victim)

@@ -61,3 +61,23 @@ def test_of_two_live_members_with_one_id_the_later_pool_stops_after_two_heartbea
     assert stopped == []
     r.on_heartbeat(None, None, None, hb("n1/0", pid=os.getpid() + 2, since=50.0))
     assert len(stopped) == 1 and "already live" in stopped[0]
+
+
+def test_a_member_that_reconnects_or_restarts_gets_the_grace_period_afresh():
+    clock = Clock()
+    r = roster(clock)
+    owners = ["n1/0", "w/1"]
+    r.on_heartbeat(None, None, None, hb("w/1", {1: 0}))
+    # Given a member that held its partition for a long time, then lost its session
+    clock.now += 100.0
+    r.on_heartbeat(None, None, None, hb("w/1", {1: 0}))
+    clock.now += 1.0
+    r.on_heartbeat(None, None, None, hb("w/1"))  # reconnecting: holds nothing for a moment
+    # Then it is not left out while it takes its partitions again
+    clock.now += r.grace_s - 1.5
+    assert r.idle("c", owners, exclude="n1/0") == set()
+    # and a restarted process of that member (a new incarnation) is not either
+    raw = membership.Heartbeat(id="w/1", node="w", worker=1, weight=1.0, started=3.0, controllers=("c",))
+    clock.now += 5.0
+    r.on_heartbeat(None, None, None, membership.encode(raw))
+    assert r.idle("c", owners, exclude="n1/0") == set()
