@@ -322,6 +322,21 @@ class Channel:
             self._pending.discard(fut)
         return tag
 
+    async def get(self, queue: str) -> tuple[int, bytes] | None:
+        """``basic.get`` without auto-ack: (delivery tag, body), or None when the queue has nothing ready."""
+        if self.closed.done():
+            raise self.closed.result()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.add(fut)
+        self.raw.add_callback(lambda _frame: fut.done() or fut.set_result(None), [pika.spec.Basic.GetEmpty],
+                              one_shot=True)
+        self.raw.basic_get(queue, lambda _ch, method, _props, body: fut.done() or fut.set_result(
+            (method.delivery_tag, body)), auto_ack=False)
+        try:
+            return await fut  # type: ignore[no-any-return]
+        finally:
+            self._pending.discard(fut)
+
     async def close(self) -> None:
         """Close the channel and wait until it is closed; unacked deliveries return to their queues."""
         if self.is_open:

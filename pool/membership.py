@@ -36,6 +36,11 @@ class Heartbeat(msgspec.Struct, frozen=True, omit_defaults=True):
     since: float = 0.0
     """When this member's pool (its supervisor) started, wall clock: of two live members with one
     id, the later one stops (``pool.worker.ownership``)."""
+    layouts: dict[str, int] = {}
+    """The layout version (``pool.layout``) this member consumes, per controller; absent in members
+    of a ctlpool that knows no layouts, and a resize refuses while one is alive."""
+    paused: tuple[str, ...] = ()
+    """Controllers a resize paused that this member holds no partition of any more."""
     oldest_unacked_s: float = 0.0
     """How long its oldest delivery not yet acked has been held (a stalled worker shows here)."""
 

@@ -121,11 +121,12 @@ def _ctl(node: str | None, *args: str) -> Any:
         raise Unavailable(f"rabbitmqctl -n {node or '(local node)'}: answered something other than JSON") from None
 
 
-def _first_answer(admin_node: str | None, amqp_url: str, *args: str) -> Any:
+def ask(admin_node: str | None, amqp_url: str, *args: str) -> tuple[str | None, Any]:
+    """``rabbitmqctl ARGS`` on the first candidate node that answers: (that node, its JSON answer)."""
     errors = []
     for node in candidates(admin_node, amqp_url):
         try:
-            return _ctl(node, *args)
+            return node, _ctl(node, *args)
         except Unavailable as exc:
             errors.append(str(exc))
     raise Unavailable(errors[-1])
@@ -133,10 +134,10 @@ def _first_answer(admin_node: str | None, amqp_url: str, *args: str) -> Any:
 
 def read(admin_node: str | None, amqp_url: str) -> dict[str, Replicas]:
     """Every quorum queue of the URLs' vhost: leader, members, online replicas."""
-    rows = _first_answer(admin_node, amqp_url, "list_queues", "-p", vhost(split_urls(amqp_url)[0]), *COLUMNS)
+    _node, rows = ask(admin_node, amqp_url, "list_queues", "-p", vhost(split_urls(amqp_url)[0]), *COLUMNS)
     return parse(rows if isinstance(rows, list) else [])
 
 
 def nodes(admin_node: str | None, amqp_url: str) -> ClusterNodes:
-    status = _first_answer(admin_node, amqp_url, "cluster_status")
+    _node, status = ask(admin_node, amqp_url, "cluster_status")
     return parse_nodes(status if isinstance(status, dict) else {})

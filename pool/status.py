@@ -21,6 +21,9 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
+
+from . import layout as layouts
 from . import membership, topology
 from .amqp import connect
 from .replicas import Replicas, Unavailable, leaders_per_node, under_replicated
@@ -29,6 +32,7 @@ from .settings import BrokerSettings, TopologySettings, redact_url
 from .text import escape
 
 DEFAULT_LISTEN_S = 2.5  # a little over two default heartbeat intervals
+STALLED_S = 60.0  # a member whose oldest delivery waits this long for its ack is flagged (the alert rule's threshold)
 
 
 ALARM_PROBE_KEY = "ctlpool.status.alarm-probe"  # no queue has this name: the probe message is dropped
@@ -72,7 +76,9 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
         out_ctls = []
         for name in names:
             nm = topology.Names(broker.prefix, name)
-            queues = [nm.partition(i, topo.partitions) for i in range(topo.partitions)]
+            live = await layouts.read(conn, nm)  # the broker's count, not a flag's
+            p = live.partitions if live is not None else topo.partitions
+            queues = [nm.partition(i, p) for i in range(p)]
             counts = await topology.counts(conn, queues + [nm.parked])
             owners: dict[int, list[tuple[str, int]]] = {}
             for hb in members:
@@ -89,7 +95,9 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
                               "replicas": len(r.members) if r else None,
                               "replicas_online": len(r.online) if r else None})
             parked = counts[-1]
+            running = [hb for hb in members if name in hb.controllers]
             out_ctls.append({"controller": name, "partitions": parts,
+                             "layout": _layout(live, p, len(running)),
                              "parked": parked.ready if parked else None,
                              "leaders_per_node": leaders_per_node(groups, queues),
                              "under_replicated": under_replicated(groups, f"{broker.prefix}.{name}")})
@@ -101,11 +109,22 @@ async def collect(broker: BrokerSettings, topo: TopologySettings, controllers: l
                          "controllers": list(hb.controllers), "broker_blocked": hb.blocked,
                          "broker_node": hb.broker,
                          "partitions": {c: len(v) for c, v in hb.parts.items()},
+                         "oldest_unacked_s": hb.oldest_unacked_s, "layouts": hb.layouts, "paused": list(hb.paused),
                          "last_heartbeat_s_ago": round(time.time() - heard[hb.id], 2)} for hb in members],
             "controllers": out_ctls,
         }
     finally:
         conn.close()
+
+
+def _layout(live: layouts.Layout | None, partitions: int, members: int) -> dict[str, Any]:
+    """The live layout, and what a fleet larger than it leaves idle."""
+    out: dict[str, Any] = {"partitions": partitions, "version": live.version if live else None,
+                           "resizes": live.resizes if live else 0,
+                           "text": live.describe() if live else f"{partitions} partitions (no layout on the broker yet)",
+                           "resize": msgspec.to_builtins(live.resize) if live and live.resize else None,
+                           "idle_members": max(0, members - partitions)}
+    return out
 
 
 async def _replicas(broker: BrokerSettings, topo: TopologySettings) -> tuple[dict[str, Replicas], str | None]:
@@ -136,13 +155,21 @@ def render(snapshot: dict[str, Any]) -> str:
             lines.append(f"    {escape(m['id']):<24} pid={m['pid']:<7} partitions {owned:<20} "
                          f"via {escape(m.get('broker_node') or '?'):<16} last heartbeat {m['last_heartbeat_s_ago']:.1f}s ago"
                          + (f"  BROKER BLOCKS ITS PUBLISHING: {escape(m['broker_blocked'])}"
-                            if m.get("broker_blocked") else ""))
+                            if m.get("broker_blocked") else "")
+                         + (f"  oldest unacked {m['oldest_unacked_s']:.0f}s"
+                            + (" (STALLED? nothing acked for a minute)" if m["oldest_unacked_s"] >= STALLED_S else "")
+                            if m.get("oldest_unacked_s") else "")
+                         + (f"  PAUSED by a resize: {escape(', '.join(m['paused']))}" if m.get("paused") else ""))
     for c in snapshot["controllers"]:
         parts = c["partitions"]
         ready = sum(p["ready"] or 0 for p in parts)
         unacked = sum(p["unacked"] for p in parts)
-        lines += ["", f"controller {escape(c['controller'])}: {len(parts)} partitions, ready {ready}, "
+        lay = c.get("layout") or {"text": f"{len(parts)} partitions", "idle_members": 0, "partitions": len(parts)}
+        lines += ["", f"controller {escape(c['controller'])}: {escape(lay['text'])}; ready {ready}, "
                       f"unacked {unacked}, parked {c['parked']}"]
+        if lay["idle_members"]:
+            lines.append(f"  {lay['idle_members']} members have no partition of it: to use them, ctlpool topology "
+                         f"resize {escape(c['controller'])} --partitions {lay['partitions'] + lay['idle_members']}")
         if c.get("leaders_per_node"):
             lines.append("  partition leaders per node: "
                          + ", ".join(f"{escape(n)} {k}" for n, k in c["leaders_per_node"].items()))

@@ -30,14 +30,19 @@ many messages its queues hold, never advising to delete them before those are mo
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from . import layout as layouts
 from .amqp import NOT_FOUND, ChannelGone, Connection, connect, plugin_error_or
 from .errors import BrokerUnavailable, PluginMissing, TopologyMismatch
-from .retries import tier_name
+from .names import NAME_WIDTHS, Names, members_exchange, name_width
 from .settings import BrokerSettings, TopologySettings
+from .layout import Layout
 from .urls import split_urls
+
+log = logging.getLogger("ctlpool.topology")
 
 # Broker-side backstop for quorum partitions: the worker parks a message after
 # ``max_deliveries`` (default 3); the broker dead-letters to parking after this many, in
@@ -45,51 +50,6 @@ from .urls import split_urls
 # arguments cannot change once declared.
 BROKER_DELIVERY_LIMIT = 20
 PRECONDITION_FAILED = 406
-# Digits in partition queue names: p000 up to 1,000 partitions, p0000 up to 10,000, ... A
-# controller declared with a count of another width has none of our names; the survey looks
-# for these widths to tell it from an empty, interrupted declaration.
-NAME_WIDTHS = range(3, 8)
-
-
-def name_width(partitions: int) -> int:
-    """Digits in the partition queue names of a controller with ``partitions`` partitions."""
-    return max(NAME_WIDTHS[0], len(str(partitions - 1)))
-
-
-@dataclass(frozen=True)
-class Names:
-    prefix: str
-    controller: str
-
-    @property
-    def exchange(self) -> str:
-        return f"{self.prefix}.{self.controller}"
-
-    def partition(self, p: int, partitions: int) -> str:
-        return self.partition_of_width(p, name_width(partitions))
-
-    def partition_of_width(self, p: int, width: int) -> str:
-        return f"{self.exchange}.p{p:0{width}d}"
-
-    def clean_marker(self, p: int, partitions: int) -> str:
-        """A transient exchange saying: this partition holds nothing routed by an earlier ring.
-
-        Transient (non-durable) exchanges vanish when the broker restarts, exactly when the
-        consistent-hash ring is rebuilt (DESIGN fact 1), so the marker lives as long as the
-        ring that every message in the partition was routed by."""
-        return f"{self.partition(p, partitions)}.clean"
-
-    def tier(self, tier_s: float) -> str:
-        """Both the fanout exchange and the TTL queue of a delay tier."""
-        return f"{self.exchange}.delay.{tier_name(tier_s)}"
-
-    @property
-    def parked(self) -> str:
-        return f"{self.exchange}.parked"
-
-
-def members_exchange(prefix: str) -> str:
-    return f"{prefix}.members"
 
 
 def _quorum_safety() -> dict[str, Any]:
@@ -254,16 +214,42 @@ async def _partition_mismatch(conn: Connection, names: Names, queue: str, exc: C
         f"not --queue-type {topo.queue_type}; use --queue-type {other}" + await _start_over(conn, names, topo, found))
 
 
+def live_count(found: Survey) -> int | None:
+    """The partition count of a complete topology (declared before layouts existed), if it is one."""
+    k = len(found.present)
+    if found.completed and found.other_width is None and k and found.present == tuple(range(k)):
+        return k + found.beyond
+    return None
+
+
 async def declare_controller(conn: Connection, prefix: str, controller: str, topo: TopologySettings,
-                             place: list[Connection] | None = None) -> None:
-    """Check then declare one controller's topology on an open connection (see module docstring).
+                             place: list[Connection] | None = None) -> Layout:
+    """Check then declare one controller's topology on an open connection (see module docstring);
+    returns its live layout (``pool.layout``), which wins over ``topo.partitions`` once it exists.
 
     ``place``: one connection per node of a cluster. A quorum queue's leader starts on the node
     its declaration came through (the broker's default, client-local), so each queue that does not
     exist yet is declared through the next of them in turn: leaders spread evenly over the nodes."""
     names = Names(prefix, controller)
+    live = await layouts.read(conn, names)
+    if live is not None:
+        if live.resize is not None:
+            return live  # a resize owns the partitions and their bindings until it is done
+        topo = replace(topo, partitions=live.partitions)
+    found = await survey(conn, names, topo.partitions)
+    count = live_count(found) if live is None else None
+    if count is not None and count != topo.partitions:  # declared before layouts: its count is the live one
+        topo = replace(topo, partitions=count)
+        found = await survey(conn, names, count)
+    await _declare(conn, names, topo, found, place)
+    if live is None:
+        live = await layouts.write(conn, names, layouts.Layout(controller, topo.partitions), topo.queue_type)
+    return live
+
+
+async def _declare(conn: Connection, names: Names, topo: TopologySettings, found: Survey,
+                   place: list[Connection] | None) -> None:
     p = topo.partitions
-    found = await survey(conn, names, p)
     problem = refusal(found, names, p)
     if problem is not None:
         raise TopologyMismatch(problem + await _start_over(conn, names, topo, found))
@@ -316,7 +302,8 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
             if exc.reply_code == PRECONDITION_FAILED:
                 raise await _mismatch(conn, names, names.parked, exc, topo, found) from None
             raise
-        await ch.rpc("exchange_declare", exchange=members_exchange(prefix), exchange_type="fanout", durable=True)
+        await ch.rpc("exchange_declare", exchange=members_exchange(names.prefix), exchange_type="fanout",
+                     durable=True)
     finally:
         for c in (ch, *placers):
             await c.close()
@@ -344,22 +331,30 @@ async def is_clean(conn: Connection, names: Names, p: int, partitions: int) -> b
     return await conn.exists("exchange", names.clean_marker(p, partitions))
 
 
-async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> None:
-    """Declare every controller's topology on a throwaway connection (see module docstring)."""
+async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> dict[str, Layout]:
+    """Declare every controller's topology on a throwaway connection (see module docstring);
+    returns each one's live layout. A live count other than ``topo.partitions`` is followed, and
+    said once (``--partitions`` is what a *new* controller is declared with)."""
     conn = await connect(broker.amqp_url, name="ctlpool-topology", heartbeat_s=broker.heartbeat_s)
     place = await node_connections(broker)
+    out: dict[str, Layout] = {}
     try:
         for c in controllers:
             try:
-                await declare_controller(conn, broker.prefix, c, topo, place)
+                live = out[c] = await declare_controller(conn, broker.prefix, c, topo, place)
             except ChannelGone as exc:
                 raise plugin_error_or(exc) from None
+            if live.partitions != topo.partitions:
+                log.info("controller %s has %s on the broker; following it (--partitions %d is what a new "
+                         "controller is declared with; to change this one: ctlpool topology resize %s "
+                         "--partitions %d)", c, live.describe(), topo.partitions, c, topo.partitions)
     except ChannelGone as exc:  # pragma: no cover - connection dropped mid-way
         raise plugin_error_or(exc) from None
     finally:
         for c in (conn, *place):
             c.close()
         await asyncio.sleep(0)
+    return out
 
 
 async def node_connections(broker: BrokerSettings) -> list[Connection]:

@@ -3,7 +3,8 @@
 Every reconcile (success or not) appends one JSON line to ``$CTLPOOL_TEST_RECORD_DIR/<pid>.jsonl``
 with one ``os.write`` (atomic for short lines with O_APPEND, and it survives SIGKILL):
 key, start/end on CLOCK_MONOTONIC (shared by all processes on the host), pid, the event's
-``n``, deliveries covered (``c`` = ctx.coalesced + 1), attempt and the outcome.
+``n`` and ``t`` (when it was published, wall clock, if the load said), deliveries covered
+(``c`` = ctx.coalesced + 1), attempt, the wall clock at the end (``w``) and the outcome.
 
 A reconcile cancelled while it waits (connection loss, a lost lease) is recorded too, as
 ``r="cancelled"`` with ``e`` = when it last ran (it did nothing after that), so it counts toward
@@ -99,7 +100,7 @@ class Recorder(Controller):
 
     def _finish(self, key: str, ev: dict[str, Any], ctx: Any, start: int) -> Result | None:
         rec = {"k": key, "s": start, "pid": os.getpid(), "n": ev.get("n"), "c": ctx.coalesced + 1, "p": ctx.partition,
-               "a": ctx.attempt, "w": time.time()}
+               "a": ctx.attempt, "w": time.time(), "t": ev.get("t")}
         try:
             out = _outcome(key, ev, ctx)
         except Exception as exc:

@@ -61,12 +61,15 @@ class Load:
     """Publishes events at ``rate``/s from a thread until the ``with`` block ends."""
 
     def __init__(self, url: str, prefix: str, controller: str = "rec", rate: int = 1000, hot: int = 10,
-                 sleep_ms: int = 1) -> None:
+                 sleep_ms: int = 1, tag: str = "", cold: bool = True) -> None:
         self.url, self.prefix, self.controller = url, prefix, controller
         self.rate, self.hot, self.sleep_ms = rate, hot, sleep_ms
+        self.with_cold = cold  # False: every event is for one of the hot keys
+        self.tag = tag  # appended to every key: two loads on one controller keep their own keys
         self.stop = threading.Event()
         self.per_key: dict[str, int] = {}
         self.cold = 0
+        self.turn = 0  # hot keys in turn
         self.retried_batches = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -74,14 +77,16 @@ class Load:
     def _batch(self, size: int) -> tuple[list[tuple[str, str, Any]], dict[str, int]]:
         counts = dict(self.per_key)
         events = []
+        now = time.time()
         for i in range(size):
-            if i % 2:
-                key = f"hot{i % self.hot}"
+            if i % 2 or not self.with_cold:
+                self.turn += 1
+                key = f"hot{self.turn % self.hot}{self.tag}"
             else:
                 self.cold += 1
-                key = f"cold{self.cold}"
+                key = f"cold{self.cold}{self.tag}"
             counts[key] = counts.get(key, 0) + 1
-            events.append((self.controller, key, {"n": counts[key], "sleep_ms": self.sleep_ms}))
+            events.append((self.controller, key, {"n": counts[key], "sleep_ms": self.sleep_ms, "t": now}))
         return events, counts
 
     def _run(self) -> None:

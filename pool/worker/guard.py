@@ -31,12 +31,11 @@ OnMessage = Callable[[Partition, Channel, Any, Any, bytes], None]
 
 
 class Guard:
-    def __init__(self, *, settler: Settler, stats: WorkerStats, metrics: WorkerMetrics, partitions: int,
+    def __init__(self, *, settler: Settler, stats: WorkerStats, metrics: WorkerMetrics,
                  clock: Callable[[], float], worker: int) -> None:
         self._settler = settler
         self._stats = stats
         self._metrics = metrics
-        self._partitions = partitions
         self._clock = clock
         self._worker = worker
 
@@ -100,6 +99,6 @@ class Guard:
         if any(isinstance(r, BaseException) for r in results) or part.ch is None or not part.ch.is_open:
             return  # the next owner re-routes what is left
         try:
-            await declare_clean_marker(part.ch, part.ctl.names.clean_marker(part.index, self._partitions))
+            await declare_clean_marker(part.ch, part.ctl.names.clean_marker(part.index, part.ctl.partitions))
         except ChannelGone:
             pass

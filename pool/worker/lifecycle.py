@@ -13,6 +13,10 @@ and ends the session; if the teardown still leaves bookkeeping no reconcile acco
 process exits ``EXIT_STALLED`` for the supervisor to start a fresh one. A reconcile step that
 blocks the loop is interrupted before the lease runs out (``pool.blocker``).
 
+``Follow`` reads each controller's live layout (``pool.layout``) at the start of every session
+and whenever a resize says so, and ``Ownership`` acts on it: the partition count is the
+broker's, not ``--partitions``'s.
+
 Deliveries flow one way through the rooms built here:
 ``Ownership`` (a partition's channel) -> ``Intake`` -> ``Dispatch`` -> ``Settler`` (acks, republishes).
 """
@@ -36,6 +40,7 @@ from ..metrics import WorkerMetrics
 from ..settings import PoolSettings
 from ..urls import redact_url, split_urls
 from .dispatch import Dispatch
+from .follow import Follow
 from .guard import Guard
 from .intake import Intake
 from .ownership import Ownership
@@ -62,7 +67,7 @@ class Worker:
         self.wall = wall
         self.rand = rand
         self.on_state = on_state or (lambda state: None)
-        self.ctls = [Ctl(i, c, settings.broker.prefix) for i, c in enumerate(controllers)]
+        self.ctls = [Ctl(i, c, settings.broker.prefix, settings.topology.partitions) for i, c in enumerate(controllers)]
         self.stats = WorkerStats()
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.metrics.sampler = self._sample_metrics
@@ -76,6 +81,7 @@ class Worker:
         self._loop_thread = 0
         self._dispatch: Dispatch | None = None
         self._ownership: Ownership | None = None
+        self._follow: Follow | None = None
         self._served = False  # the current session got as far as consuming
         self.exit_code = EXIT_OK  # EXIT_STALLED: the process must be replaced (see the module docstring)
 
@@ -88,14 +94,16 @@ class Worker:
                             concurrency=s.worker.concurrency, timeout_s=s.worker.reconcile_timeout_s,
                             max_deliveries=s.topology.max_deliveries, prefix=s.broker.prefix, clock=self.clock,
                             rand=self.rand, worker=w)
-        guard = Guard(settler=settler, stats=self.stats, metrics=self.metrics, partitions=s.topology.partitions,
-                      clock=self.clock, worker=w)
+        guard = Guard(settler=settler, stats=self.stats, metrics=self.metrics, clock=self.clock, worker=w)
         intake = Intake(settler=settler, guard=guard, stats=self.stats, dispatch=dispatch.add,
                         max_deliveries=s.topology.max_deliveries, clock=self.clock, worker=w)
         ownership = Ownership(settings=s, ctls=self.ctls, member_id=self.member_id, worker=w, started=self._started,
                               intake=intake, guard=guard, dispatch=dispatch, settler=settler, stats=self.stats,
                               metrics=self.metrics, clock=self.clock, since=self.pool_started,
                               on_duplicate=self._duplicate)
+        self._follow = Follow(ctls=self.ctls, clock=self.clock, worker=w, on_change=ownership.rebalance,
+                              settings=s, designated=ownership.designated)
+        ownership.roster.on_layout = self._follow.on_notice
         return settler, intake, dispatch, ownership
 
     def request_stop(self) -> None:
@@ -155,6 +163,10 @@ class Worker:
         settler.pub = session.pub
         dispatch.conn, dispatch.lease, dispatch.running = session.consume, session.lease, True
         ownership.bind(session)
+        follow = self._follow
+        assert follow is not None
+        follow.conn = session.consume
+        await follow.read_all()  # each controller's live partition count, before taking any partition
         ownership.heartbeat()
         ticker = asyncio.ensure_future(self._tick(ownership, dispatch, intake))
         try:
@@ -188,6 +200,8 @@ class Worker:
             dispatch.expire()
             intake.forget_blame()
             ownership.tick()
+            if self._follow is not None:
+                self._follow.tick()
             self._watch_liveness(dispatch, ownership)
 
     def _watch_liveness(self, dispatch: Dispatch, ownership: Ownership) -> None:
@@ -238,6 +252,8 @@ class Worker:
     async def _teardown(self, settler: Settler, dispatch: Dispatch, ownership: Ownership) -> None:
         """Cancel in-flight reconciles (their deliveries return with the connection), close everything."""
         ownership.abandon()
+        if self._follow is not None:
+            self._follow.stop()
         cancelled = dispatch.cancel_all()
         for conn in self._conns:
             conn.close()

@@ -62,7 +62,6 @@ class Ownership:
         self._stats = stats
         self._metrics = metrics
         self._clock = clock
-        self._partitions = settings.topology.partitions
         self._exclusive = settings.topology.queue_type != "quorum"
         self.parts: dict[tuple[int, int], Partition] = {}
         self.roster = Roster(settings=settings, member_id=member_id, worker=worker, started=started, since=since,
@@ -72,7 +71,8 @@ class Ownership:
         self.joined = False  # listened for peers; may take partitions
         self._acquiring: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
-        self._owners: dict[int, list[str | None]] = {}  # controller index -> owner of each partition, as last assigned
+        self._owners: dict[int, list[str | None]] = {}
+        self._idle_said: set[tuple[str, int]] = set()  # controller index -> owner of each partition, as last assigned
         self.oldest_unacked_s = 0.0  # the oldest delivery held and not yet acked, as of the last tick
         self._missing_logged: dict[str, float] = {}  # partition queue -> when we last said it is missing
 
@@ -99,8 +99,11 @@ class Ownership:
                 parts.setdefault(part.ctl.name, {})[part.index] = part.unacked
         blocked = self.session.publish.blocked  # type: ignore[union-attr]
         self._metrics.broker_blocked(blocked is not None)
+        holding = {p.ctl.name for p in self.parts.values()}
         self.roster.announce(ch, parts=parts, blocked=blocked, broker=self.session.consume.address,  # type: ignore[union-attr]
-                             oldest_unacked_s=self.oldest_unacked_s, bye=bye)
+                             oldest_unacked_s=self.oldest_unacked_s, bye=bye,
+                             layouts={c.name: c.version for c in self._ctls},
+                             paused=tuple(c.name for c in self._ctls if c.paused and c.name not in holding))
 
     def tick(self) -> None:
         """Every heartbeat interval: how long the oldest unacked delivery waits; forget members
@@ -111,26 +114,50 @@ class Ownership:
         self.rebalance()
 
     def rebalance(self) -> None:
-        """Acquire partitions this member should own and hand the rest over, in the background."""
+        """Acquire partitions this member should own and hand the rest over, in the background; a
+        paused controller's partitions are all released (a resize waits for that)."""
         if self.session is None or not self.joined:
             return
         live = self.roster.live()
         for ctl in self._ctls:
+            if ctl.paused:
+                for part in [p for p in self.parts.values() if p.ctl is ctl and not p.releasing]:
+                    self._spawn(self.release(part), self._releasing)
+                continue
             members = [Member(hb.id, hb.weight) for hb in live if ctl.name in hb.controllers]
             if not any(m.id == self.member_id for m in members):
                 members.append(Member(self.member_id, self._settings.weight))
-            owners = assign(members, ctl.name, self._partitions)
-            idle = self.roster.idle(ctl.name, owners, exclude=self.member_id)
+            owners = assign(members, ctl.name, ctl.partitions)
+            idle = self.roster.idle(ctl.name, owners, exclude=self.member_id, not_before=ctl.resumed_at)
             if idle:
-                owners = assign([m for m in members if m.id not in idle], ctl.name, self._partitions)
+                owners = assign([m for m in members if m.id not in idle], ctl.name, ctl.partitions)
             self._owners[ctl.index] = owners
+            self._say_idle(ctl, len(members))
             for index, owner in enumerate(owners):
                 if owner == self.member_id and (ctl.index, index) not in self.parts:
                     self._spawn(self.acquire(ctl, index), self._acquiring)
             for (ci, index), part in list(self.parts.items()):
-                if ci == ctl.index and owners[index] != self.member_id and not part.releasing and not part.leaving:
+                if ci != ctl.index or part.releasing or part.leaving:
+                    continue
+                if index >= ctl.partitions:
+                    self._spawn(self.release(part), self._releasing)  # gone from the layout (a shrink)
+                elif owners[index] != self.member_id:
                     move = self.release(part) if self._exclusive else self.hand_over(part)
                     self._spawn(move, self._releasing)
+
+    def designated(self, ctl: Ctl) -> bool:
+        """Whether this member is the one to finish a resize of ``ctl`` its driver left: the lowest
+        id among the live members that know layouts."""
+        ids = [hb.id for hb in self.roster.live() if ctl.name in hb.controllers and ctl.name in hb.layouts]
+        return min([*ids, self.member_id]) == self.member_id
+
+    def _say_idle(self, ctl: Ctl, members: int) -> None:
+        """Once per count: more members than partitions leaves some with nothing to do."""
+        if members > ctl.partitions and (ctl.name, ctl.partitions) not in self._idle_said:
+            self._idle_said.add((ctl.name, ctl.partitions))
+            log.warning("%d members share the %d partitions of %s: %d of them are idle; to use them all: "
+                        "ctlpool topology resize %s --partitions %d", members, ctl.partitions, ctl.name,
+                        members - ctl.partitions, ctl.name, members, extra={"worker": self._worker})
 
     def _spawn(self, coro: Any, bucket: set[asyncio.Task[None]]) -> None:
         task = asyncio.ensure_future(coro)
@@ -154,7 +181,7 @@ class Ownership:
         session = self.session
         assert session is not None
         conn = session.consume
-        part = Partition(ctl, index, ctl.names.partition(index, self._partitions))
+        part = Partition(ctl, index, ctl.names.partition(index, ctl.partitions))
         self.parts[(ctl.index, index)] = part
         part.acquiring = asyncio.current_task()
         try:
@@ -172,7 +199,7 @@ class Ownership:
             part.guard_left = 0
             # a partition already cleared since the broker (and its ring) last started needs no guard
             part.guarding = (self._settings.worker.reroute_on_acquire
-                             and not await is_clean(conn, ctl.names, index, self._partitions))
+                             and not await is_clean(conn, ctl.names, index, ctl.partitions))
             part.held = [] if part.guarding else None  # hold deliveries until the guard window is known
             part.acquired_at = self._clock()
             if part.releasing:

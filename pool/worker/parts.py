@@ -17,15 +17,16 @@ from .. import codec
 from ..acks import AckBatch
 from ..amqp import Channel
 from ..controller import Controller, is_async
-from ..topology import Names
+from ..names import Names
 
 
 class Ctl:
-    """A controller and what the worker derives from it once."""
+    """A controller, what the worker derives from it once, and its live layout (``Follow`` keeps it)."""
 
-    __slots__ = ("index", "controller", "name", "names", "decode", "is_async", "exchange")
+    __slots__ = ("index", "controller", "name", "names", "decode", "is_async", "exchange", "partitions", "version",
+                 "paused", "resumed_at")
 
-    def __init__(self, index: int, controller: Controller, prefix: str) -> None:
+    def __init__(self, index: int, controller: Controller, prefix: str, partitions: int) -> None:
         self.index = index
         self.controller = controller
         self.name = controller.name
@@ -33,6 +34,10 @@ class Ctl:
         self.exchange = self.names.exchange
         self.decode = codec.make_decoder(controller.event_type)
         self.is_async = is_async(controller)
+        self.partitions = partitions  # the live layout's count (``--partitions`` until it is read)
+        self.version = 0  # the live layout's version (0: not read yet)
+        self.paused = False  # a resize asks every member to hold none of its partitions
+        self.resumed_at = 0.0  # when it was last unpaused (clock): members holding none are given time
 
 
 class Partition:

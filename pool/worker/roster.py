@@ -20,6 +20,7 @@ import os
 from typing import Any, Callable
 
 from .. import membership
+from ..layout import KIND as LAYOUT_NOTICE
 from ..membership import MemberTable
 from ..settings import PoolSettings
 from ..topology import members_exchange
@@ -34,7 +35,7 @@ DUPLICATE_HEARD = 2  # heartbeats from another process with our id before the la
 class Roster:
     def __init__(self, *, settings: PoolSettings, member_id: str, worker: int, started: float, since: float,
                  controllers: tuple[str, ...], clock: Callable[[], float], on_change: Callable[[], None],
-                 on_duplicate: Callable[[str], None]) -> None:
+                 on_duplicate: Callable[[str], None], on_layout: Callable[[bytes], None] = lambda body: None) -> None:
         self._settings = settings
         self.member_id = member_id
         self._worker = worker
@@ -44,6 +45,7 @@ class Roster:
         self._clock = clock
         self._on_change = on_change
         self._on_duplicate = on_duplicate
+        self.on_layout = on_layout  # a layout notice (``pool.layout``) heard on the members exchange
         self.members = MemberTable(settings.worker.member_timeout_s, clock)
         # a real member has heartbeats through its settle period and its acquisitions, and a tick to tell
         self.grace_s = settings.worker.member_timeout_s + (SETTLE_INTERVALS + 2) * settings.worker.heartbeat_interval_s
@@ -66,17 +68,18 @@ class Roster:
         hb = self.members.get(member_id)
         return hb is not None and index in hb.parts.get(controller, {})
 
-    def idle(self, controller: str, owners: list[str | None], *, exclude: str) -> set[str]:
+    def idle(self, controller: str, owners: list[str | None], *, exclude: str, not_before: float = 0.0) -> set[str]:
         """Members assigned some of ``controller``'s partitions (``owners``) that have announced
         holding none, in every heartbeat heard for ``grace_s`` (a reconnecting or restarted member
-        gets the grace period afresh; see the module docstring)."""
+        gets the grace period afresh, as everyone does when the controller resumes from a pause at
+        ``not_before``; see the module docstring)."""
         now = self._clock()
         out = set()
         for member_id in set(owners) - {exclude, None}:
             hb = self.members.get(member_id)  # type: ignore[arg-type]
             if hb is None or hb.parts.get(controller):
                 continue
-            first = self._empty_since.get((hb.id, hb.started), now)
+            first = max(self._empty_since.get((hb.id, hb.started), now), not_before)
             if now - first < self.grace_s:
                 continue
             out.add(hb.id)
@@ -89,7 +92,10 @@ class Roster:
                             extra={"worker": self._worker, "controller": controller})
         return out
 
-    def on_heartbeat(self, _ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+    def on_heartbeat(self, _ch: Any, _method: Any, props: Any, body: bytes) -> None:
+        if getattr(props, "type", None) == LAYOUT_NOTICE:
+            self.on_layout(body)
+            return
         hb = membership.decode(body)
         if hb is None:
             return
@@ -128,11 +134,12 @@ class Roster:
                      ", ".join(gone), extra={"worker": self._worker})
 
     def announce(self, ch: Any, *, parts: dict[str, dict[int, int]], blocked: str | None, broker: str,
-                 oldest_unacked_s: float, bye: bool = False) -> None:
+                 oldest_unacked_s: float, layouts: dict[str, int], paused: tuple[str, ...], bye: bool = False) -> None:
         """Publish our heartbeat on ``ch`` (not persistent, not confirmed: a lost one is just late)."""
         s = self._settings
         hb = membership.Heartbeat(id=self.member_id, node=s.node_id, worker=self._worker, weight=s.weight,
                                   started=self._started, controllers=self._controllers, bye=bye, parts=parts,
                                   pid=os.getpid(), blocked=blocked or "", broker=broker,
-                                  oldest_unacked_s=round(oldest_unacked_s, 1), since=self._since)
+                                  oldest_unacked_s=round(oldest_unacked_s, 1), since=self._since,
+                                  layouts=layouts, paused=paused)
         ch.raw.basic_publish(members_exchange(s.broker.prefix), "", membership.encode(hb))

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
+import pika.exceptions
 
 from .. import codec, copies, outcome
 from ..amqp import Channel, ChannelGone, ConfirmChannel

@@ -83,7 +83,7 @@ def test_bad_flag_value_is_one_line_and_exit_2(argv: list[str], flag: str, capsy
         (["bogus-command"], "bogus-command"),
         ([], "COMMAND"),
         (["publish"], "controller"),
-        (["topology"], "controller"),
+        (["topology"], "CONTROLLER"),
         (["publish", "deployments", "web", "--workers", "2"], "--workers"),
         (["demo", "--replicas", "three"], "--replicas"),
     ],

@@ -1,0 +1,7 @@
+"""``python -m pool.cli``: the ``ctlpool`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
