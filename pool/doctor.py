@@ -8,7 +8,9 @@ closes the whole connection on 3.10, DESIGN fact 7) -> with ``--fix`` enable it
 (``rabbitmq-plugins enable``, no restart needed). Each step prints one line. A comma-separated
 list of URLs (a cluster) is checked node by node: the plugin must be on every node; then the
 cluster's nodes and any of our quorum queues with replicas offline are listed (``pool.replicas``,
-through rabbitmqctl; warnings only). URLs are printed only through ``redact_url``.
+through rabbitmqctl; warnings only). Last, the broker's queue budget (``pool.budget``): how many
+more queues its file handles allow, and plainly when there is no room left (a broker past it
+only times out handshakes). URLs are printed only through ``redact_url``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 import pika
 import pika.exceptions
 
-from . import replicas
+from . import budget, replicas
 from .tls import url_parameters
 from .errors import PluginMissing
 from .text import escape
@@ -77,7 +79,21 @@ def doctor(url: str, fix: bool, admin_node: str | None = None, prefix: str = "ct
     worst = max(_check_node(node.strip(), fix) for node in split_urls(url))
     if len(split_urls(url)) > 1 or admin_node:
         _check_cluster(url, admin_node, prefix)
+    _check_budget(url, admin_node)
     return worst
+
+
+def _check_budget(url: str, admin_node: str | None) -> None:
+    try:
+        room = budget.read(admin_node, url)
+    except replicas.Unavailable as exc:
+        print(escape(f"budget: not checked: {exc}"))
+        return
+    if room.queues_left() == 0:
+        print(escape(f"budget: NO ROOM LEFT on {room.node}: {room.describe()}; new connections will time out. Delete "
+                     "queues (rabbitmqctl delete_queue, ctlpool topology delete) or raise the broker's LimitNOFILE"))
+    else:
+        print(escape(f"budget: {room.node}: {room.describe()} (a controller takes its partitions + 8 queues)"))
 
 
 def _check_cluster(url: str, admin_node: str | None, prefix: str) -> None:

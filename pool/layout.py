@@ -92,10 +92,6 @@ def decode(body: bytes) -> Layout | None:
         return None
 
 
-def queue_args(queue_type: str) -> dict[str, Any]:
-    return {"x-queue-type": queue_type}
-
-
 async def exists(conn: Connection, names: Names) -> bool:
     return await conn.exists("queue", names.layout)
 
@@ -130,15 +126,21 @@ async def _take_all(ch: Any, queue: str) -> list[tuple[int, bytes]]:
         out.append(ok)
 
 
-async def write(conn: Connection, names: Names, layout: Layout, queue_type: str) -> Layout:
-    """Make ``layout`` the live one (its ``seq`` one past the one given): declare the queue if
-    needed, publish it (confirmed), then remove every other message (older states; a copy a
-    reader holds comes back, and loses to this one's ``seq``). Returns what was written."""
+async def write(conn: Connection, names: Names, layout: Layout, queue_args: dict[str, Any]) -> Layout:
+    """Make ``layout`` the live one (its ``seq`` one past the one given): declare the queue with
+    ``queue_args`` if it does not exist yet, publish it (confirmed), then remove every other
+    message (older states; a copy a reader holds comes back, and loses to this one's ``seq``).
+    Returns what was written."""
     layout = msgspec.structs.replace(layout, seq=layout.seq + 1)
     body = encode(layout)
+    if not await conn.exists("queue", names.layout):
+        ch0 = await conn.channel()
+        try:
+            await ch0.rpc("queue_declare", queue=names.layout, durable=True, arguments=queue_args)
+        finally:
+            await ch0.close()
     ch = await conn.confirm_channel()
     try:
-        await ch.ch.rpc("queue_declare", queue=names.layout, durable=True, arguments=queue_args(queue_type))
         await ch.publish("", names.layout, body, properties=pika.BasicProperties(
             content_type="application/json", delivery_mode=2, type=KIND))
         for tag, old in await _take_all(ch.ch, names.layout):

@@ -57,6 +57,8 @@ class Family:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    merge: str = "sum"
+    """How workers' values add up: ``sum``, or ``max`` for what every worker reports alike (the layout)."""
 
 
 _WQ = ("controller", "name")
@@ -93,6 +95,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Sessions a worker ended because it held work no reconcile would start (a liveness bug, logged)"),
     Family("ctlpool_oldest_unacked_seconds", "gauge",
            "How long each worker's oldest delivery not yet acked has been held (to within a second)", ("worker",)),
+    Family("ctlpool_partitions", "gauge", "Partition queues of the controller's live layout", ("controller",),
+           merge="max"),
+    Family("ctlpool_resizes", "gauge", "Resizes of the controller's partitions completed (its live layout says)",
+           ("controller",), merge="max"),
     Family("ctlpool_broker_blocked", "gauge",
            "Worker publish connections the broker blocks (memory or disk alarm)"),
     Family("ctlpool_worker_restarts_total", "counter", "Worker processes restarted by the supervisor after dying"),
@@ -208,6 +214,10 @@ class WorkerMetrics:
     def owned(self, controller: str, partitions: int) -> None:
         self._gauges[("ctlpool_partitions_owned", (controller,))] = partitions
 
+    def layout(self, controller: str, partitions: int, resizes: int) -> None:
+        self._gauges[("ctlpool_partitions", (controller,))] = partitions
+        self._gauges[("ctlpool_resizes", (controller,))] = resizes
+
     def oldest_unacked(self, worker: int, seconds: float) -> None:
         self._gauges[("ctlpool_oldest_unacked_seconds", (str(worker),))] = round(seconds, 1)
 
@@ -293,6 +303,8 @@ def _add_into(into: dict[Key, Any], rows: dict[Key, Any]) -> None:
         elif isinstance(v, list):
             if len(have) == len(v):
                 into[k] = [a + b for a, b in zip(have, v)]
+        elif FAMILIES[k[0]].merge == "max":
+            into[k] = max(have, v)
         else:
             into[k] = have + v
 

@@ -173,7 +173,7 @@ class Resizer:
         return self.members
 
     async def _write(self, live: layouts.Layout) -> layouts.Layout:
-        live = await layouts.write(self.conn, self.names, live, self.topo.queue_type)
+        live = await layouts.write(self.conn, self.names, live, topology.layout_args(self.topo))
         if self.notices is None:
             self.notices = await self.conn.channel()
         layouts.notice(self.notices, members_exchange(self.broker.prefix), live)

@@ -38,6 +38,8 @@ MAX_CONCURRENCY = 10_000  # each plain-def reconcile in flight holds a thread; f
 MAX_SECONDS = 86_400.0  # a day: beyond any sane timeout or interval, and far from timer overflow (time_t)
 MIN_HEARTBEAT_INTERVAL_S = 0.01  # each worker publishes every interval: faster floods the members exchange
 MEMBER_TIMEOUT_HEARTBEATS = 2  # a member is dropped only after missing at least this many heartbeats
+MAX_PARTITIONS = 1000  # partition queue names keep three digits (p000-p999); past a few hundred, see "Broker sizing"
+MAX_WEIGHT = 1000.0  # a host's share per worker relative to others: beyond this it is a typo, not a plan
 MAX_TIER_S = 366 * 86_400  # a delay tier past a year and a day is a unit mistake (the broker refuses ~4,000 years)
 
 
@@ -192,6 +194,21 @@ def _positive_float(v: Any) -> float:
     return x
 
 
+def _number_upto(hi: float) -> Callable[[Any], float]:
+    """A parser of numbers more than 0 and at most ``hi``."""
+    expected = f"expected a number more than 0 and at most {hi:g}"
+
+    def parse(v: Any) -> float:
+        try:
+            x = _positive_float(v)
+        except ValueError:
+            raise ValueError(expected) from None
+        if x > hi:
+            raise ValueError(expected)
+        return x
+    return parse
+
+
 def seconds(lo: float = 0.0, hi: float = MAX_SECONDS) -> Callable[[Any], float]:
     """A parser of finite seconds up to ``hi``: more than 0 (``lo`` = 0), else from ``lo``."""
     expected = f"expected seconds, more than 0 and at most {hi:g}" if lo == 0 else \
@@ -330,7 +347,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", None, "workers", _int_in(1, MAX_WORKERS), f"worker processes, 1-{MAX_WORKERS} (default: usable CPUs)", "N"),
     Option("pin", None, "pin", _pin, "pin workers to CPUs: auto (default: unless the broker runs on this host), true or false; --no-pin = false", "MODE"),
     Option("node-id", None, "node_id", _name, "this host's member name (default: hostname)", "ID"),
-    Option("weight", None, "weight", _positive_float, "relative share of partitions per worker (default 1)", "W"),
+    Option("weight", None, "weight", _number_upto(MAX_WEIGHT), f"relative share of partitions per worker, more than 0 and at most {MAX_WEIGHT:g} (default 1)", "W"),
     Option("log-format", None, "log_format", _choice("json", "text"), "json (default) or text", "FMT"),
     Option("log-level", None, "log_level", _choice("debug", "info", "warning", "error"), "debug|info|warning|error", "LEVEL"),
     Option("metrics-port", None, "metrics_port", _port, "serve /metrics, /livez, /readyz on this port (default 0: off; 9464 is usual)", "PORT"),
@@ -344,7 +361,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-cert-file", "broker", "tls_cert_file", _readable_file, "amqps://: client certificate (PEM) for brokers that require one", "FILE"),
     Option("tls-key-file", "broker", "tls_key_file", _readable_file, "amqps://: private key (PEM) of --tls-cert-file, if a separate file", "FILE"),
     Option("heartbeat-s", "broker", "heartbeat_s", _int_in(1, MAX_U16, " (a 16-bit AMQP field)"), "AMQP heartbeat seconds, 1-65535 (default 20)", "S"),
-    Option("partitions", "topology", "partitions", _positive_int, "partition queues per controller (default 64)", "P"),
+    Option("partitions", "topology", "partitions", _int_in(1, MAX_PARTITIONS), f"partition queues of a new controller, 1-{MAX_PARTITIONS} (a live one keeps its count: change it with ctlpool topology resize; default 64)", "P"),
     Option("queue-type", "topology", "queue_type", _choice("quorum", "classic"), "quorum (default) or classic", "TYPE"),
     Option("tiers-s", "topology", "tiers_s", _tiers, "delay tier TTLs in seconds (default 1,4,16,64,256,1024)", "LIST"),
     Option("queue-replicas", "topology", "replicas", _int_in(0, 255), "replicas of each quorum queue on a cluster, fixed when declared (default 0: the broker's, 3)", "N"),

@@ -34,12 +34,14 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from . import budget
 from . import layout as layouts
 from .amqp import NOT_FOUND, ChannelGone, Connection, connect, plugin_error_or
 from .errors import BrokerUnavailable, PluginMissing, TopologyMismatch
 from .names import NAME_WIDTHS, Names, members_exchange, name_width
 from .settings import BrokerSettings, TopologySettings
 from .layout import Layout
+from .replicas import Unavailable
 from .urls import split_urls
 
 log = logging.getLogger("ctlpool.topology")
@@ -61,6 +63,11 @@ def _replicas(topo: TopologySettings) -> dict[str, Any]:
     if topo.queue_type != "quorum" or not topo.replicas:
         return {}  # the broker's default group size
     return {"x-quorum-initial-group-size": topo.replicas}
+
+
+def layout_args(topo: TopologySettings) -> dict[str, Any]:
+    """The layout queue's (``pool.layout``): replicated like the rest, so it outlives a node."""
+    return {"x-queue-type": topo.queue_type, **_replicas(topo)}
 
 
 def partition_args(names: Names, topo: TopologySettings) -> dict[str, Any]:
@@ -243,7 +250,7 @@ async def declare_controller(conn: Connection, prefix: str, controller: str, top
         found = await survey(conn, names, count)
     await _declare(conn, names, topo, found, place)
     if live is None:
-        live = await layouts.write(conn, names, layouts.Layout(controller, topo.partitions), topo.queue_type)
+        live = await layouts.write(conn, names, layouts.Layout(controller, topo.partitions), layout_args(topo))
     return live
 
 
@@ -339,6 +346,7 @@ async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: li
     place = await node_connections(broker)
     out: dict[str, Layout] = {}
     try:
+        await _check_budget(conn, broker, topo, controllers)
         for c in controllers:
             try:
                 live = out[c] = await declare_controller(conn, broker.prefix, c, topo, place)
@@ -355,6 +363,25 @@ async def ensure(broker: BrokerSettings, topo: TopologySettings, controllers: li
             c.close()
         await asyncio.sleep(0)
     return out
+
+
+QUEUES_BESIDE_PARTITIONS = 2  # the parking queue and the layout queue (the delay tiers are counted apart)
+
+
+async def _check_budget(conn: Connection, broker: BrokerSettings, topo: TopologySettings, controllers: list[str]) -> None:
+    """Refuse to declare new controllers whose queues the broker has no file handles for (``pool.budget``)."""
+    new = [c for c in controllers if not await conn.exists("exchange", Names(broker.prefix, c).exchange)]
+    if not new:
+        return
+    queues = len(new) * (topo.partitions + len(topo.tiers_s) + QUEUES_BESIDE_PARTITIONS)
+    try:
+        room = await asyncio.to_thread(budget.read, broker.admin_node, broker.amqp_url)
+    except Unavailable as exc:
+        log.debug("the broker's file handles can't be read here: %s", exc)
+        return
+    problem = room.refusal(queues)
+    if problem:
+        raise TopologyMismatch(f"declaring {', '.join(new)} ({queues} queues): {problem}")
 
 
 async def node_connections(broker: BrokerSettings) -> list[Connection]:

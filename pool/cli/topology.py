@@ -33,14 +33,22 @@ def cmd_topology(args: argparse.Namespace) -> int:
 def _resize(settings: PoolSettings, controller: str) -> int:
     import time
 
+    from ..amqp import ChannelGone
+    from ..errors import CtlpoolError
     from ..resize import resize
+    from ..worker.follow import TAKEOVER_S
 
     t0 = time.monotonic()
 
     def say(line: str) -> None:
         print(escape(f"[{time.monotonic() - t0:6.1f}s] {controller}: {line}"), flush=True)
 
-    done = asyncio.run(resize(settings.broker, settings.topology, controller, settings.topology.partitions, say))
+    try:
+        done = asyncio.run(resize(settings.broker, settings.topology, controller, settings.topology.partitions, say))
+    except ChannelGone as exc:  # the broker went away mid-way: the layout on the broker says where it stopped
+        raise CtlpoolError(f"the connection to the broker was lost during the resize ({exc}); run the same "
+                           f"command again to finish it (or a member of the pool will, once its lock is free "
+                           f"for {TAKEOVER_S:.0f}s)") from None
     say(f"done: {done.describe()}")
     return 0
 

@@ -93,7 +93,7 @@ class Follow:
             ctl.resumed_at = self._clock()
         if changed and ctl.version and live.version != ctl.version:
             log.info("controller %s: now %s", ctl.name, live.describe(), extra={"worker": self._worker})
-        ctl.partitions, ctl.version, ctl.paused = live.partitions, live.version, live.paused
+        ctl.partitions, ctl.version, ctl.paused, ctl.resizes = live.partitions, live.version, live.paused, live.resizes
         if changed:
             self._on_change()
         if live.resize is not None and ctl.name not in self._watching and self._settings is not None:

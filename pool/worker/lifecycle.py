@@ -281,4 +281,5 @@ class Worker:
         for c in self.ctls:
             m.depth(c.name, depth[c.index])
             m.owned(c.name, owned[c.index])
+            m.layout(c.name, c.partitions, c.resizes)
         m.oldest_unacked(self.index, self._ownership.oldest_unacked_s if self._ownership is not None else 0.0)

@@ -24,7 +24,7 @@ class Ctl:
     """A controller, what the worker derives from it once, and its live layout (``Follow`` keeps it)."""
 
     __slots__ = ("index", "controller", "name", "names", "decode", "is_async", "exchange", "partitions", "version",
-                 "paused", "resumed_at")
+                 "paused", "resumed_at", "resizes")
 
     def __init__(self, index: int, controller: Controller, prefix: str, partitions: int) -> None:
         self.index = index
@@ -38,6 +38,7 @@ class Ctl:
         self.version = 0  # the live layout's version (0: not read yet)
         self.paused = False  # a resize asks every member to hold none of its partitions
         self.resumed_at = 0.0  # when it was last unpaused (clock): members holding none are given time
+        self.resizes = 0  # resizes completed, as the live layout says (a metric)
 
 
 class Partition:

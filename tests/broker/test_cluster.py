@@ -381,14 +381,14 @@ def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster
                        env={**os.environ, "CTLPOOL_AMQP_URL": nodes.url_list(), "CTLPOOL_PREFIX": prefix,
                             "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=True, capture_output=True, timeout=120)
 
-    # When `ctlpool topology` declares 64 partitions (and 6 tiers, 1 parking queue) given the three nodes
+    # When `ctlpool topology` declares 64 partitions (and 6 tiers, the parking and the layout queue) given the three nodes
     topology(hosts.prefix)
     queues = [q for q in nodes.queues() if str(q["name"]).startswith(hosts.prefix + ".")]
     # Then the partitions' leaders are spread evenly, and every queue has a replica on each node
     partitions = Counter(str(q["leader"]) for q in queues if re.match(rf"{hosts.prefix}\.rec\.p\d+$", str(q["name"])))
     print(f"[cluster] partition leaders per node after `ctlpool topology` (64 partitions): {dict(partitions)}")
     assert set(partitions) == {n.name for n in NODES} and max(partitions.values()) - min(partitions.values()) <= 1
-    assert len(queues) == 71 and all(len(q["members"]) == 3 == len(q["online"]) for q in queues)
+    assert len(queues) == 72 and all(len(q["members"]) == 3 == len(q["online"]) for q in queues)  # (+ tiers, parking, layout)
     # and `ctlpool status` shows the same leaders, every replica online, nothing under-replicated
     [shown] = json.loads(ctlpool(nodes, hosts, "status", "rec", "--json", "--partitions", "64").stdout)["controllers"]
     assert shown["leaders_per_node"] == dict(sorted(partitions.items())) and shown["under_replicated"] == []
@@ -401,3 +401,23 @@ def test_topology_spreads_leaders_and_replicates_every_queue(nodes: LocalCluster
         assert sizes == {2}
     finally:
         delete_prefix(nodes.url_list(), other, CTL_NODE)
+
+
+def test_a_grow_on_the_cluster_spreads_the_new_leaders(nodes: LocalCluster, hosts: Hosts) -> None:
+    # Given a pool on the cluster's 16 quorum partitions, under load
+    start_pool(hosts)
+    with Load(hosts.url, hosts.prefix, rate=300) as load:
+        load.flow(300)
+        # When the controller grows to 25 partitions through the URL list
+        grown = ctlpool(nodes, hosts, "topology", "resize", "rec", "--partitions", "25")
+        assert grown.returncode == 0, grown.stderr
+        hosts.partitions = 25
+        hosts.wait_balanced(2, "25 partitions on the cluster", timeout=90)
+        load.flow(300)
+    # Then the new partitions' leaders are spread over the nodes like the first ones, each replicated
+    new = [q for q in nodes.queues() if re.fullmatch(rf"{hosts.prefix}\.rec\.p0(1[6-9]|2[0-4])", str(q["name"]))]
+    leaders = Counter(str(q["leader"]) for q in new)
+    print(f"[cluster] leaders of the 9 partitions a grow added: {dict(leaders)}")
+    assert len(new) == 9 and set(leaders.values()) == {3} and all(len(q["online"]) == 3 for q in new)
+    # and the promises held through it
+    hosts.check(load)

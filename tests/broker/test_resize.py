@@ -171,3 +171,30 @@ def test_a_resize_killed_and_never_run_again_is_finished_by_the_pools(hosts, amq
     from pool.worker.follow import TAKEOVER_S
 
     assert max(waits(records)) <= TAKEOVER_S + MAX_WAIT_S, sorted(waits(records))[-5:]
+
+
+@pytest.mark.timeout(300)
+def test_a_broker_restart_in_the_middle_of_a_resize(hosts, amqp_url, prefix, tmp_path):
+    from tests.broker.test_scaleout import restart_broker_app
+
+    # Given one host under load, and a shrink that waits in its pause for a reconcile of 3 s
+    hosts.start("hostA").wait_ready()
+    with Load(amqp_url, prefix, rate=200) as load, Load(amqp_url, prefix, rate=20, hot=2, sleep_ms=3000,
+                                                        tag="-slow", cold=False) as slow:
+        hosts.wait_balanced(2, "8 partitions")
+        load.flow(200)
+        out = tmp_path / "resize.out"
+        proc = start_resize(amqp_url, prefix, 4, out)
+        wait_until(lambda: "step pause" in out.read_text(), 30, what="the pause")
+        # When the broker's app restarts then (the ring may come back in another order, DESIGN fact 1)
+        restart_broker_app()
+        # Then the resize says the connection was lost and how to finish it, in one line
+        assert proc.wait(60) != 0
+        said = out.read_text().strip().splitlines()[-1]
+        assert "run the same command again" in said, said
+        # and running it again finishes it; the pool follows
+        resize(amqp_url, prefix, 4)
+        settled(hosts, 4, 2)
+        load.flow(200)
+    wait_until(lambda: latest_reconciled(hosts, {**load.per_key, **slow.per_key}), 90, what="every key's last event")
+    hosts.check(load, also=slow, drain_timeout=120)

@@ -616,3 +616,14 @@ def test_the_default_state_dir_is_private_first(env, expected) -> None:
 
     got = default_state_dir(env)
     assert got == (expected or os.path.join(tempfile.gettempdir(), f"ctlpool-{os.getuid()}"))
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("partitions", "1001", "--partitions: expected a whole number from 1 to 1000"),
+    ("weight", "1e6", "--weight: expected a number more than 0 and at most 1000"),
+    ("tiers-s", "1,99999999999", "--tiers-s: expected delay tiers of at most 31622400 seconds"),
+])
+def test_counts_and_weights_have_upper_bounds(flag, value, said) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({flag: value}, env={})
+    assert str(info.value).startswith(said), str(info.value)
