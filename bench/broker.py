@@ -84,12 +84,17 @@ def forget_clean(t: Target) -> None:
             conn.close()
 
 
+RESIZED_UP_TO = 64  # bench resize grows a target to this many partitions: delete what it may have left
+
+
 def delete(t: Target) -> None:
-    """Delete every queue and exchange the pool declares under ``t.prefix``."""
+    """Delete every queue and exchange the pool declares under ``t.prefix`` (a resize's too)."""
     n = t.names
-    queues = t.partition_queues + [n.tier(s) for s in t.topology.tiers_s] + [n.parked]
+    most = max(t.partitions, RESIZED_UP_TO)
+    partitions = [n.partition(i, most) for i in range(most)]
+    queues = partitions + [n.tier(s) for s in t.topology.tiers_s] + [n.parked, n.layout]
     exchanges = [n.exchange, members_exchange(t.prefix)] + [n.tier(s) for s in t.topology.tiers_s]
-    exchanges += clean_markers(t)
+    exchanges += [f"{q}.clean" for q in partitions]
     conn = _blocking(t.url)
     try:
         ch = conn.channel()

@@ -7,6 +7,8 @@
     sweep      prefetch x concurrency grid                 (bench.scenarios.grid)
     scale      pool vs floor at 1..N worker processes      (bench.scenarios.grid)
     cluster    the pool on a 3-node cluster vs one broker  (bench.scenarios.cluster)
+    partitions broker CPU per partition count, paced load  (bench.scenarios.resize)
+    resize     grow 8 -> 64 and back under load             (bench.scenarios.resize)
     profile    one Worker under cProfile, CPU per event    (bench.profile_worker)
 
 Every scenario writes ``--out DIR/results.json`` (and PNGs when matplotlib is there), prints

@@ -61,6 +61,7 @@ SAY_EVERY_S = 5.0  # a step still waiting says what it waits for this often
 DRAIN_WINDOW = 500  # unconfirmed re-routes in flight while a shrink empties a removed partition
 SETTLE_S = 1.0  # after unbinding, before emptying the removed partitions (see Resizer._shrink)
 RESOURCE_LOCKED = 405  # AMQP: an exclusive queue another connection holds
+CLOSE_WAIT_S = 3.0  # a resize waits this long for its connection to close (and its lock to go) before it returns
 
 
 class ResizeRefused(CtlpoolError):
@@ -357,6 +358,7 @@ async def resize(broker: BrokerSettings, topo: TopologySettings, controller: str
     finally:
         for c in (conn, *place):
             c.close()
-        await asyncio.sleep(0)
+        # the lock goes with the connection: let the close finish before the loop ends
+        await asyncio.wait([c.closed for c in (conn, *place)], timeout=CLOSE_WAIT_S)
 
 
