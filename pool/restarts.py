@@ -1,4 +1,5 @@
-"""What the supervisor does when a worker dies: restart it when, or give up. Pure: no processes, no clock.
+"""When the supervisor restarts workers: after a death (when, or give up), and in a rolling restart
+(which slot next). Pure: no processes, no clock.
 
 Data flow: ``Supervisor._reap`` passes the slot's recent deaths, the time and whether the
 worker died inside a reconcile (its ``pool.journal`` says so); ``after_death`` answers the
@@ -27,3 +28,41 @@ def after_death(deaths: list[float], now: float, inside_reconcile: bool) -> tupl
     if len(recent) >= CRASH_LOOP_DEATHS:
         return recent, None
     return recent, min(RESTART_FIRST_S * 2 ** (len(recent) - 1), RESTART_MAX_S)
+
+
+class Rolling:
+    """A rolling restart (SIGHUP): the slots in line, and whether another was asked for meanwhile.
+
+    ``request`` on SIGHUP: ``"start"`` (log it, tell systemd RELOADING) or ``"queued"`` (one is
+    under way: another follows it, the first such request logged; a SIGHUP is never dropped).
+    ``step`` every loop turn, given whether every worker is ready and none is retiring: the slot
+    to retire now, ``"done"`` (tell systemd READY again, unless another one starts at once:
+    ``reloading`` says), or ``None`` (wait)."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = slots
+        self.line: list[int] = []
+        self.reloading = False
+        self.again = False
+
+    def request(self) -> str:
+        if self.reloading:
+            queued_first = not self.again
+            self.again = True
+            return "queued" if queued_first else "queued again"
+        self.line, self.reloading, self.again = list(range(self._slots)), True, False
+        return "start"
+
+    def cancel(self) -> None:
+        """Draining: no rolling restart goes on."""
+        self.line, self.reloading, self.again = [], False, False
+
+    def step(self, ready: bool, retiring: bool) -> int | str | None:
+        if self.reloading and not self.line and ready and not retiring:
+            self.reloading = False
+            if self.again:
+                self.request()
+            return "done"
+        if not self.line or not ready:
+            return None
+        return self.line.pop(0)

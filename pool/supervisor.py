@@ -12,13 +12,11 @@ waits on the workers' sentinels, their status pipes and a self-pipe woken by sig
   killed. A second SIGTERM / SIGINT kills the workers at once (``EXIT_INTERRUPTED``);
 - SIGHUP: rolling restart, one slot at a time, each new worker ready before the next.
 
-Before forking, the supervisor locks its node id on this host (``pool.nodelock``): a second
-supervisor with the same ``--node-id`` exits with ``EXIT_CONFIG`` instead of joining as the
-same members. Workers inherit the lock and hold it until the last of them exits; every loop
-turn checks the lock file is still there (``NodeLock.check``), taking it afresh if a cleaner
-removed it. Each slot's in-flight journal (``pool.journal.Store``) is made here too, before
-the fork, so every process of the slot shares it: in the state directory, or in memory with one
-WARNING when the directory can't hold it.
+Before forking, the supervisor opens its ``Station`` (``pool.station``): it locks its node id
+on this host (a second supervisor with the same ``--node-id`` exits with ``EXIT_CONFIG``
+instead of joining as the same members; workers inherit the lock and hold it until the last of
+them exits) and makes each slot's in-flight journal, shared by every process of the slot. Every
+loop turn checks the lock is still ours; one taken by another pool meanwhile stops this one.
 
 Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
 supervisor decides), drain on SIGTERM however often it comes — the kernel sends them one
@@ -45,18 +43,21 @@ import os
 import signal
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from . import journal, nodelock, restarts
+from . import restarts
 from .child import worker_main
 from .errors import ConfigError
+from .journal import Store
 from .exits import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_INTERRUPTED, EXIT_OK
 from .messages import Metrics, WorkerState, decode
 from .metrics import Aggregate, MetricsServer
 from .notify import Notifier
 from .pinning import decide, local_facts
 from .settings import PoolSettings
+from .station import Station
 
 log = logging.getLogger("ctlpool.supervisor")
 
@@ -93,7 +94,7 @@ class _Slot:
     deaths: list[float] = field(default_factory=list)
     restart_at: float | None = None
     retiring: bool = False  # being replaced by a rolling restart: its exit is not a crash
-    journal: journal.Store | None = None  # shared with every process of this slot
+    journal: Store | None = None  # shared with every process of this slot (``Station``)
 
 
 class Supervisor:
@@ -121,33 +122,13 @@ class Supervisor:
         self.restarts = 0
         self._ctx = multiprocessing.get_context("fork")
         self._signals: list[int] = []
-        self._rolling: list[int] = []
+        self._rolling = restarts.Rolling(len(self.slots))
         self._stopping_since: float | None = None
-        self._reloading = False  # RELOADING=1 sent; READY=1 again once the rolling restart is done
-        self._reload_again = False  # a SIGHUP came during the rolling restart: another one follows
-        self._ready_sent = False
-        self._last_ping: float | None = None
+        self.told = Told(self.notifier)
         # what the loop last saw, for the metrics thread (plain attribute writes: no lock needed)
         self._tick = time.monotonic()
-        self._shown = ""
         self._alive = 0
-        self._lock: nodelock.NodeLock | None = None
-
-    def _open_journals(self) -> None:
-        """Each slot's journal store (see the module docstring)."""
-        size = self.settings.worker.concurrency
-        failed = None
-        for s in self.slots:
-            path = journal.path_for(self.settings.state_dir, self.settings.node_id, s.index)
-            try:
-                s.journal = journal.Store.open(path, size)
-            except OSError as exc:
-                failed = failed or f"{path}: {exc.strerror or exc}"
-                s.journal = journal.Store.anonymous(size)
-        if failed:
-            log.warning("cannot keep the in-flight journals in --state-dir (%s); keeping them in memory: an event "
-                        "that kills its worker is still parked after --max-deliveries deaths, but the counts do "
-                        "not survive a restart of the whole pool", failed)
+        self._station: Station | None = None
 
     # ------------------------------------------------------------------ processes
 
@@ -180,13 +161,8 @@ class Supervisor:
     def summary(self) -> str:
         alive = sum(1 for s in self.slots if s.proc is not None and s.proc.is_alive())
         ready = sum(1 for s in self.slots if s.ready)
-        state = "draining" if self._stopping_since is not None else "reloading" if self._reloading else "running"
+        state = "draining" if self._stopping_since is not None else "reloading" if self._rolling.reloading else "running"
         return f"{state}: {ready}/{len(self.slots)} workers ready, {alive} alive, {self.restarts} restarts"
-
-    def _show(self) -> str:
-        """The summary, remembered as the STATUS= systemd has now."""
-        self._shown = self.summary()
-        return self._shown
 
     def healthy(self, now: float) -> bool:
         """Every worker's event loop was heard from lately (a slot waiting to restart counts as handled)."""
@@ -194,54 +170,36 @@ class Supervisor:
 
     def _event(self, event: str) -> None:
         """Tell systemd, then the ``on_event`` hook."""
-        n = self.notifier
-        if event == "ready" and not self._ready_sent:
-            self._ready_sent = True
-            n.ready(self._show())
-        elif event == "reloading":
-            n.reloading(self._show())
-        elif event == "stopping":
-            n.stopping(self._show())
-        elif event == "crash-loop":
-            n.status("crash loop: a worker kept dying; exiting " + str(EXIT_CRASH_LOOP))
-        elif event == "config":
-            n.status("a worker stopped on a configuration error; exiting " + str(EXIT_CONFIG))
+        self.told.event(event, self.summary())
         self.on_event(event, self)
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        with signals_wake(self._on_signal) as wake:
+            return self._run(wake)
+
+    def _run(self, wake: socket.socket) -> int:
         server: MetricsServer | None = None
-        lock: nodelock.NodeLock | None = None
         try:
-            lock = self._lock = nodelock.acquire(self.settings.state_dir, self.settings.node_id)
-            self._open_journals()
+            self._station = Station.open(self.settings, len(self.slots))
+            for slot, store in zip(self.slots, self._station.journals):
+                slot.journal = store
             preload_worker_code()
             log.info("workers %s: %s", "pinned to CPUs" if self.pinned else "not pinned", self._pin_why)
             server = serve_metrics(self)
             for slot in self.slots:
                 self._start(slot)
-            return self._loop(wake_r)
+            return self._loop(wake)
         finally:
             if server is not None:
                 server.close()
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            signal.set_wakeup_fd(old_fd)
-            wake_r.close()
-            wake_w.close()
             for s in self.slots:
                 if s.status is not None:
                     s.status.close()
             self.notifier.close()
-            if lock is not None:
-                lock.release()
+            if self._station is not None:
+                self._station.close()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
@@ -292,33 +250,21 @@ class Supervisor:
             self._advance_rolling()
 
     def _check_lock(self) -> int | None:
-        """The node-id lock file must stay ours (see the module docstring); else stop."""
-        if self._lock is None:
-            return None
+        """The node-id lock must stay ours (see the module docstring); else stop."""
         try:
-            if self._lock.check():
-                log.warning("the node-id lock %s was removed under the running pool (a temp-directory cleaner?); "
-                            "took it again", self._lock.path)
+            if self._station is not None:
+                self._station.check()
         except ConfigError as exc:
-            log.error("the node-id lock %s was removed under the running pool and cannot be taken again (%s); "
-                      "stopping", self._lock.path, exc)
+            log.error("the node-id lock was removed under the running pool and cannot be taken again (%s); "
+                      "stopping", exc)
             return self._give_up(self.clock(), "config", EXIT_CONFIG)
         return None
 
     def _publish_state(self, now: float) -> None:
-        """Once per loop turn: STATUS= when the summary changed, WATCHDOG=1 when due and healthy."""
+        """Once per loop turn: what the metrics thread reads, and what systemd hears (``Told.turn``)."""
         self._tick = time.monotonic()
         self._alive = sum(1 for s in self.slots if s.proc is not None and s.proc.is_alive())
-        summary = self.summary()
-        if summary != self._shown:
-            self._shown = summary
-            self.notifier.status(summary)
-        watchdog_s = self.notifier.watchdog_s
-        if watchdog_s and (self._last_ping is None or now - self._last_ping >= watchdog_s / 2):
-            # while draining, TimeoutStopSec= is the limit: keep the watchdog quiet about it
-            if self._stopping_since is not None or self.healthy(now):
-                self._last_ping = now
-                self.notifier.watchdog()
+        self.told.turn(now, self.summary(), lambda: self._stopping_since is not None or self.healthy(now))
 
     def _handle_signals(self, now: float) -> int | None:
         while self._signals:
@@ -326,18 +272,18 @@ class Supervisor:
             if sig == signal.SIGHUP:
                 if self._stopping_since is not None:
                     log.info("SIGHUP while draining: ignored")
-                elif self._reloading:
-                    if not self._reload_again:
-                        log.info("SIGHUP during a rolling restart: another rolling restart follows this one")
-                    self._reload_again = True
-                else:
-                    self._start_rolling()
+                    continue
+                said = self._rolling.request()
+                if said == "start":
+                    log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+                    self._event("reloading")
+                elif said == "queued":
+                    log.info("SIGHUP during a rolling restart: another rolling restart follows this one")
                 continue
             if self._stopping_since is None:
                 log.info("%s: draining workers (again to stop at once)", signal.Signals(sig).name)
                 self._stopping_since = now
-                self._rolling = []
-                self._reloading = False
+                self._rolling.cancel()
                 self._event("stopping")
                 self._signal_all(signal.SIGTERM)
             else:
@@ -425,33 +371,85 @@ class Supervisor:
         self._event(event)
         return code
 
-    def _start_rolling(self) -> None:
-        log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
-        self._rolling = [s.index for s in self.slots]
-        self._reloading = True
-        self._reload_again = False
-        self._event("reloading")
-
     def _advance_rolling(self) -> None:
-        """Rolling restart: retire the first slot in line once every worker is ready; a SIGHUP
-        that came meanwhile starts the next one when this one is done."""
-        if self._reloading and not self._rolling and self.ready and not any(s.retiring for s in self.slots):
-            self._reloading = False
+        """Rolling restart: retire the slot ``restarts.Rolling`` says, once every worker is ready."""
+        step = self._rolling.step(self.ready, any(s.retiring for s in self.slots))
+        if step == "done":
             log.info("rolling restart done")
-            if self._reload_again:
-                self._start_rolling()
+            if self._rolling.reloading:  # a SIGHUP came meanwhile: the next one starts now
+                log.info("SIGHUP: rolling restart of %d workers", len(self.slots))
+                self._event("reloading")
             else:
-                self.notifier.ready(self._show())
-        if not self._rolling or not self.ready:
-            return
-        idx = self._rolling.pop(0)
-        s = self.slots[idx]
-        if s.proc is not None:
-            s.retiring = True
-            s.ready = False
-            os.kill(s.proc.pid, signal.SIGTERM)
-        if not self._rolling:
-            log.info("rolling restart: last worker retiring")
+                self.told.ready_again(self.summary())
+        elif isinstance(step, int):
+            s = self.slots[step]
+            if s.proc is not None:
+                s.retiring = True
+                s.ready = False
+                os.kill(s.proc.pid, signal.SIGTERM)
+            if not self._rolling.line:
+                log.info("rolling restart: last worker retiring")
+
+
+class Told:
+    """What systemd hears from the supervisor (``pool.notify``) and what it was last told."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.shown = ""  # the STATUS= it has now (``/readyz`` says it too)
+        self._ready_sent = False
+        self._last_ping: float | None = None
+
+    def event(self, event: str, summary: str) -> None:
+        n = self.notifier
+        if event == "ready" and not self._ready_sent:
+            self._ready_sent = True
+            n.ready(self._show(summary))
+        elif event == "reloading":
+            n.reloading(self._show(summary))
+        elif event == "stopping":
+            n.stopping(self._show(summary))
+        elif event == "crash-loop":
+            n.status("crash loop: a worker kept dying; exiting " + str(EXIT_CRASH_LOOP))
+        elif event == "config":
+            n.status("a worker stopped on a configuration error; exiting " + str(EXIT_CONFIG))
+
+    def ready_again(self, summary: str) -> None:
+        """A rolling restart is done."""
+        self.notifier.ready(self._show(summary))
+
+    def turn(self, now: float, summary: str, healthy: Callable[[], bool]) -> None:
+        """Every loop turn: STATUS= when the summary changed, WATCHDOG=1 when due and ``healthy()``
+        (while draining, TimeoutStopSec= is the limit: the caller says healthy then)."""
+        if summary != self.shown:
+            self.notifier.status(self._show(summary))
+        watchdog_s = self.notifier.watchdog_s
+        if watchdog_s and (self._last_ping is None or now - self._last_ping >= watchdog_s / 2) and healthy():
+            self._last_ping = now
+            self.notifier.watchdog()
+
+    def _show(self, summary: str) -> str:
+        self.shown = summary
+        return summary
+
+
+@contextmanager
+def signals_wake(handler: Callable[[int, Any], None]) -> Iterator[socket.socket]:
+    """SIGTERM, SIGINT and SIGHUP go to ``handler`` and wake the socket yielded (the supervisor's
+    loop waits on it); everything is put back as it was on exit."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield wake_r
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        signal.set_wakeup_fd(old_fd)
+        wake_r.close()
+        wake_w.close()
 
 
 def serve_metrics(sup: Supervisor) -> MetricsServer | None:
@@ -469,7 +467,7 @@ def serve_metrics(sup: Supervisor) -> MetricsServer | None:
             ("ctlpool_workers", ("ready",), sum(1 for s in sup.slots if s.ready)),
         ])
     server = MetricsServer(host, port, metrics=render, live=lambda: time.monotonic() - sup._tick < LIVEZ_STALE_S,
-                           ready=lambda: (sup.ready and sup._stopping_since is None, sup._shown))
+                           ready=lambda: (sup.ready and sup._stopping_since is None, sup.told.shown))
     try:
         server.start()
     except OSError as exc:

@@ -28,3 +28,24 @@ def test_a_death_inside_a_reconcile_restarts_at_once_and_is_not_counted():
 
 def test_a_first_death_restarts_after_the_first_delay():
     assert after_death([], 0.0, inside_reconcile=False) == ([0.0], RESTART_FIRST_S)
+
+
+def test_a_sighup_during_a_rolling_restart_queues_exactly_one_more():
+    from pool.restarts import Rolling
+
+    r = Rolling(2)
+    # Given a rolling restart under way (slot 0 retired, waiting for it)
+    assert r.request() == "start"
+    assert r.step(ready=True, retiring=False) == 0
+    # When SIGHUP comes twice more meanwhile: one more restart is queued (the first said, the second folded in)
+    assert (r.request(), r.request()) == ("queued", "queued again")
+    assert r.step(ready=False, retiring=True) is None  # waits while slot 0's replacement starts
+    assert r.step(ready=True, retiring=False) == 1
+    # Then when this one is done, the next starts at once, over every slot again
+    assert r.step(ready=True, retiring=False) == "done" and r.reloading
+    assert [r.step(ready=True, retiring=False), r.step(ready=True, retiring=False)] == [0, 1]
+    assert r.step(ready=True, retiring=False) == "done" and not r.reloading
+    # and a drain cancels whatever is in line
+    r.request()
+    r.cancel()
+    assert r.step(ready=True, retiring=False) is None and not r.reloading
