@@ -82,7 +82,7 @@ def test_defaults_when_nothing_is_given() -> None:
     assert s.broker == BrokerSettings()
     assert s.topology == TopologySettings()
     assert s.worker == WorkerSettings()
-    assert (s.broker.amqp_url, s.broker.prefix, s.topology.partitions) == (DEFAULT_AMQP_URL, "ctl", 64)
+    assert (s.broker.amqp_url, s.broker.prefix, s.topology.partitions) == (DEFAULT_AMQP_URL, "ctl", 16)
     assert (s.topology.queue_type, s.topology.tiers_s) == ("quorum", DEFAULT_TIERS_S)
     assert (s.worker.prefetch, s.worker.concurrency, s.worker.reroute_on_acquire) == (50, 64, True)
     assert s.controllers == () and s.workers >= 1 and s.node_id
