@@ -78,3 +78,14 @@ def next_hop(delay_s: float, tiers_s: Sequence[float]) -> tuple[float | None, fl
 def tier_name(tier_s: float) -> str:
     """Queue-name suffix for a tier: ``16s``."""
     return f"{tier_s:g}s"
+
+
+def served_s(delay_s: float, tiers_s: Sequence[float]) -> float:
+    """The delay the tiers really serve for ``delay_s``: hop after hop (``next_hop``) until what is
+    left is under half the smallest tier (0 for a delay that short: it comes back at once)."""
+    served = 0.0
+    while True:
+        tier, delay_s = next_hop(delay_s, tiers_s)
+        if tier is None:
+            return served
+        served += tier

@@ -23,7 +23,7 @@ from .. import codec, copies, outcome
 from ..amqp import Channel, ChannelGone, ConfirmChannel
 from ..errors import PublishError
 from ..metrics import WorkerMetrics
-from ..retries import next_hop
+from ..retries import next_hop, served_s
 from .parts import Ctl, Delivery, Partition, WorkerStats
 
 log = logging.getLogger("ctlpool.worker")
@@ -210,7 +210,11 @@ class Settler:
         if decision.error:
             self._stats.failed += 1
             self._metrics.retried(ctl.name)
-            log.warning("reconcile failed (attempt %d), retrying in %.1fs: %s", decision.attempt, decision.seconds,
+            served = served_s(decision.seconds, self._tiers)
+            when = (f"in {served:g}s" if abs(served - decision.seconds) < 0.05 else
+                    f"in {served:g}s (the delay tiers serve {decision.seconds:.1f}s so)" if served else
+                    f"at once ({decision.seconds:.1f}s is under half the smallest delay tier, {self._tiers[0]:g}s)")
+            log.warning("reconcile failed (attempt %d), retrying %s: %s", decision.attempt, when,
                         decision.error[:300], extra={"worker": self._worker, "controller": ctl.name, "key": key,
                                                      "attempt": decision.attempt})
         else:

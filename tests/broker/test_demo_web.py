@@ -1,14 +1,10 @@
-"""The example controller web (Deployments <-> Instances) and ``ctlpool demo``.
-
-First the reconciles themselves, called directly on a SQLite store with a recording
-context (no broker); then ``run_demo`` end to end: a real pool subprocess on a topology
-of its own, a real store (SQLite and PostgreSQL), injected provider failures.
-"""
+"""``ctlpool demo`` end to end: a real pool subprocess on a topology of its own, a real store (SQLite
+and PostgreSQL), injected provider failures. (The controllers themselves are tested with no
+broker on ``pool.testing``: ``tests/unit/test_demo_controllers.py``.)"""
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import re
 import tempfile
 from pathlib import Path
@@ -16,143 +12,11 @@ from typing import Any
 
 import pytest
 
-from controllers import deployments as web
 from controllers.demo import pool_args, run_demo
-from controllers.deployments import DeploymentEvent, Deployments, InstanceEvent, Instances, ProviderError
-from controllers.store import AVAILABLE, PENDING, READY, TERMINATING, Conflict, Deployment, Instance, Store
-from pool import Result
+from controllers.store import READY, Store
 from pool.settings import BrokerSettings, PoolSettings, TopologySettings
 from tests.helpers import queue_depth
 from tests.unit.test_store import postgres_url  # noqa: F401  (fixture)
-
-
-class RecordingContext:
-    """What a reconcile sees of the pool: ``publish`` records instead of sending."""
-
-    attempt = 0
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, str, Any]] = []
-
-    def publish(self, controller: str, key: str, payload: Any) -> concurrent.futures.Future[None]:
-        self.published.append((controller, key, payload))
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        done.set_result(None)
-        return done
-
-
-@pytest.fixture
-def web_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    monkeypatch.setenv("CTLPOOL_STORE", f"sqlite://{tmp_path / 'web.db'}")
-    monkeypatch.setenv(web.ENV_FAIL_RATE, "0")
-    monkeypatch.setenv(web.ENV_PROVIDER_MS, "0")
-    from controllers.store import open_store
-
-    return open_store()
-
-
-def controllers() -> tuple[Deployments, Instances]:
-    d, i = Deployments(), Instances()
-    d.setup()
-    i.setup()
-    return d, i
-
-
-def provision_all(instances: Instances, ctx: RecordingContext, keys: list[str]) -> None:
-    for key in keys:
-        assert instances.reconcile(key, InstanceEvent(deployment=key.rsplit("-", 1)[0]), ctx) is None
-
-
-def test_a_deployment_converges_through_its_instances(web_store):
-    deployments, instances = controllers()
-    # Given a desired deployment of 3 replicas
-    web_store.insert(Deployment("web", "img:1", 3))
-    # When it is reconciled
-    ctx = RecordingContext()
-    result = deployments.reconcile("web", DeploymentEvent(), ctx)
-    # Then its 3 instances exist, pending, each nudged, and it looks again later
-    assert result == Result(requeue_after=web.REQUEUE_S)
-    assert [(i.key, i.state, i.image) for i in web_store.instances("web")] == \
-        [(f"web-{n}", PENDING, "img:1") for n in range(3)]
-    assert [(c, k) for c, k, _ in ctx.published] == [("instances", f"web-{n}") for n in range(3)]
-    # When the instances are provisioned, each telling its deployment
-    back = RecordingContext()
-    provision_all(instances, back, [k for _, k, _ in ctx.published])
-    assert [(c, k) for c, k, _ in back.published] == [("deployments", "web")] * 3
-    # Then the next reconcile finds it converged and writes that down
-    assert deployments.reconcile("web", DeploymentEvent(), RecordingContext()) is None
-    d = web_store.get(Deployment, "web")
-    assert (d.ready, d.instances, d.status, d.converged) == (3, 3, AVAILABLE, True)
-
-
-def test_image_change_and_scale_down(web_store):
-    deployments, instances = controllers()
-    # Given a converged deployment of 3
-    web_store.insert(Deployment("web", "img:1", 3))
-    ctx = RecordingContext()
-    deployments.reconcile("web", DeploymentEvent(), ctx)
-    provision_all(instances, RecordingContext(), [k for _, k, _ in ctx.published])
-    deployments.reconcile("web", DeploymentEvent(), RecordingContext())
-    # When its spec changes to 1 replica of img:2
-    d = web_store.get(Deployment, "web")
-    web_store.update(d, image="img:2", replicas=1, generation=d.generation + 1)
-    ctx = RecordingContext()
-    assert deployments.reconcile("web", DeploymentEvent(), ctx) == Result(requeue_after=web.REQUEUE_S)
-    # Then instance 0 is asked for img:2 and the others terminate; status is not converged
-    assert [(i.key, i.state, i.image) for i in web_store.instances("web")] == \
-        [("web-0", PENDING, "img:2"), ("web-1", TERMINATING, "img:1"), ("web-2", TERMINATING, "img:1")]
-    assert not web_store.get(Deployment, "web").converged
-    # When the instances act on it
-    provision_all(instances, RecordingContext(), [k for _, k, _ in ctx.published])
-    # Then one instance is left, at the new image, and the deployment converges
-    assert [(i.key, i.state, i.running) for i in web_store.instances("web")] == [("web-0", READY, "img:2")]
-    assert deployments.reconcile("web", DeploymentEvent(), RecordingContext()) is None
-    assert web_store.get(Deployment, "web").converged
-
-
-def test_a_deleted_deployment_terminates_its_instances(web_store):
-    deployments, instances = controllers()
-    d = web_store.insert(Deployment("web", "img:1", 2))
-    deployments.reconcile("web", DeploymentEvent(), RecordingContext())
-    web_store.delete(web_store.get(Deployment, "web"))
-    ctx = RecordingContext()
-    assert deployments.reconcile(d.name, DeploymentEvent(), ctx) is None
-    assert {i.state for i in web_store.instances("web")} == {TERMINATING}
-    provision_all(instances, RecordingContext(), [k for _, k, _ in ctx.published])
-    assert web_store.instances("web") == []
-
-
-def test_provider_failure_raises_counts_and_tells_nobody(web_store):
-    deployments, instances = controllers()
-    web_store.insert(Deployment("web", "img:1", 1))
-    deployments.reconcile("web", DeploymentEvent(), RecordingContext())
-    # Given a provider that always fails
-    instances.provider = web.Provider(latency_s=0, fail_rate=1.0, sleep=lambda s: None)
-    ctx = RecordingContext()
-    # When the instance is reconciled, Then the error propagates (the pool retries it)
-    with pytest.raises(ProviderError):
-        instances.reconcile("web-0", InstanceEvent(deployment="web"), ctx)
-    # And the failure is counted on the row, nothing is published, nothing is marked ready
-    inst = web_store.get(Instance, "web-0")
-    assert (inst.state, inst.attempts, ctx.published) == (PENDING, 1, [])
-
-
-def test_a_stale_provision_cannot_overwrite_a_newer_spec(web_store):
-    deployments, instances = controllers()
-    web_store.insert(Deployment("web", "img:1", 1))
-    deployments.reconcile("web", DeploymentEvent(), RecordingContext())
-
-    # Given the deployment moves the instance to img:2 while the provider is provisioning img:1
-    def meanwhile(_: float) -> None:
-        web_store.update(web_store.get(Instance, "web-0"), image="img:2")
-
-    instances.provider = web.Provider(latency_s=0, fail_rate=0, sleep=meanwhile)
-    # When the provision finishes, Then its write is refused
-    with pytest.raises(Conflict):
-        instances.reconcile("web-0", InstanceEvent(deployment="web"), RecordingContext())
-    # And the instance still waits for img:2 instead of claiming img:1 is what it should run
-    inst = web_store.get(Instance, "web-0")
-    assert (inst.state, inst.image, inst.running) == (PENDING, "img:2", None)
 
 
 def test_the_pool_flags_honour_settings_and_hide_the_password():

@@ -210,8 +210,13 @@ def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_pat
     # slots busy and keys waiting for them: a finishing reconcile starts the next from its own task)
     with under_load(amqp_url, prefix, tmp_path, rec_dir, "--heartbeat-s", "5", "--concurrency", "4",
                     sleep_ms=25, check=assert_none_lost) as (pool, load):
-        # When one worker is frozen (SIGSTOP) for 25 s while the other takes its partitions
+        # When one worker, in the middle of slow reconciles, is frozen (SIGSTOP) for 25 s while the
+        # other takes its partitions
         frozen = pool.worker_pids()[0]
+        publish_many(amqp_url, prefix, "rec", [(f"long{i}", {"n": 1, "sleep_ms": 5000, "mark_start": True})
+                                               for i in range(8)])
+        wait_until(lambda: any(r["k"].startswith("long") and r["pid"] == frozen and r["r"] == "start"
+                               for r in read_records(str(rec_dir))), 30, what="a slow reconcile on the worker to freeze")
         os.kill(frozen, signal.SIGSTOP)
         try:
             time.sleep(25)  # the fault itself: a 25 s freeze (a paused VM), not a synchronisation
@@ -227,6 +232,7 @@ def test_a_frozen_worker_takes_no_step_after_its_lease(amqp_url, prefix, tmp_pat
     assert overlaps(records) == [], overlaps(records)[:5]
     assert any(r["r"] == "cancelled" and r["pid"] == frozen for r in records)  # it had work in flight
     assert_none_lost(records, load.per_key)
+    assert {f"long{i}" for i in range(8)} <= {r["k"] for r in records if r["r"] == "ok"}  # the slow ones too
     assert parked_by_key(amqp_url, prefix) == {}
 
 

@@ -224,3 +224,13 @@ def test_tier_name() -> None:
     # When named
     # Then the name is compact seconds
     assert [tier_name(t) for t in (1, 16, 1024, 0.5)] == ["1s", "16s", "1024s", "0.5s"]
+
+
+def test_the_delay_the_tiers_really_serve():
+    from pool.retries import served_s
+
+    tiers = (1, 4, 16, 64)
+    assert served_s(0.2, tiers) == 0  # under half the smallest: at once
+    assert served_s(0.6, tiers) == 1  # half the smallest or more: one ride on it
+    assert served_s(30, tiers) == 30  # 16 + 4 + 4 + 4 + 1 + 1
+    assert served_s(2.4, tiers) == 2  # 1 + 1, and 0.4 left is under half a tier
